@@ -1,0 +1,35 @@
+"""Exceptions a user can act on: each message names the file or subject and the fix."""
+
+
+class MsdsegError(Exception):
+    """Base class of the errors msdseg raises on purpose."""
+
+
+class DownloadError(MsdsegError):
+    """The archive could not be fetched (network, HTTP status, truncated transfer)."""
+
+
+class ChecksumError(MsdsegError):
+    """The archive's digest is not the expected one."""
+
+
+class ArchiveError(MsdsegError):
+    """The archive is unreadable or hostile (members outside the target, links)."""
+
+
+class DatasetError(MsdsegError):
+    """dataset.json is missing, malformed, or lists files that are not there."""
+
+
+class SubjectError(MsdsegError):
+    """One subject's files are unreadable or inconsistent (shape, geometry, labels, NaN)."""
+
+    def __init__(self, subject: str, path: str, problem: str) -> None:
+        self.subject = subject
+        self.path = path
+        self.problem = problem
+        super().__init__(f"subject {subject}: {path}: {problem}")
+
+
+class ModelError(MsdsegError):
+    """A checkpoint does not fit the task (labels, channels) or cannot be loaded."""
