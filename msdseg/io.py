@@ -11,9 +11,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -35,6 +39,18 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_csv(table: "pd.DataFrame", path: str | os.PathLike[str]) -> None:
+    """Write a table atomically, without the index, with a stable float format."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write a small text file (JSON, a checksum) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:

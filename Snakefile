@@ -1,0 +1,33 @@
+"""msdseg: a Medical Segmentation Decathlon task from archive to U-Net, predictions and Dice.
+
+    snakemake --cores 8                                   # the embedded synthetic demo
+    snakemake --cores 8 --config task=Task04_Hippocampus  # a real task (official URL + MD5)
+"""
+
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+validate(config, os.path.join(workflow.basedir, "msdseg", "schemas", "config.schema.yaml"))
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    input:
+        final_outputs,
+    default_target: True

@@ -1,0 +1,45 @@
+"""Stage 5: metrics per subject and class in the original geometry, summaries and plots."""
+
+
+rule evaluate_fold:
+    """Dice, HD95, surface Dice and volumes for every validation subject of fold {fold}."""
+    input:
+        predictions=fold_predictions,
+        references=fold_references,
+        folder=raw_folder(),
+    output:
+        metrics=result("fold{fold}/metrics.csv"),
+    params:
+        evaluate=config["evaluate"],
+    log:
+        log_path("evaluate_fold", "fold{fold}"),
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/evaluate.py"
+
+
+rule summarize:
+    """Dice summary per class and fold, box plot, best/worst overlays."""
+    input:
+        metrics=expand(result("fold{fold}/metrics.csv"), fold=FOLDS),
+        manifest=result("manifest.csv"),
+    output:
+        summary=report(result("dice_summary.csv"), caption="../report/dice_summary.rst", category="Evaluation"),
+        boxplot=report(result("plots/dice_boxplot.png"), caption="../report/dice_boxplot.rst", category="Evaluation"),
+        overlays=report(result("plots/overlays.png"), caption="../report/overlays.rst", category="Evaluation"),
+    params:
+        folds=FOLDS,
+        prediction_pattern=result("fold{fold}/predictions/{subject}.nii.gz"),
+    log:
+        log_path("summarize"),
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/summarize.py"

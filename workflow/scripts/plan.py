@@ -1,0 +1,19 @@
+"""Rule plan: target spacing and intensity normalisation from the training subjects."""
+
+import _bootstrap  # noqa: F401
+
+from pathlib import Path
+
+from msdseg.decathlon import read_dataset_json
+from msdseg.logs import job_log
+from msdseg.manifest import read_manifest
+from msdseg.resample import make_plan, write_plan
+
+with job_log(snakemake.log[0]):
+    plan = make_plan(
+        read_manifest(snakemake.input.manifest),
+        read_dataset_json(Path(snakemake.input.folder)),
+        snakemake.params.preprocess,
+        snakemake.params.task,
+    )
+    write_plan(plan, snakemake.output.plan)
