@@ -5,6 +5,7 @@
 """
 
 import os
+import sys
 
 from snakemake.utils import min_version, validate
 
@@ -14,6 +15,13 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
+sys.path.insert(0, workflow.basedir)  # the msdseg package beside this Snakefile
+from msdseg.config import ConfigError, load_config
+
+try:  # first, a one-line message that names the key (and cross-key checks a schema cannot do)
+    load_config(config)
+except ConfigError as error:
+    raise WorkflowError(f"invalid configuration: {error}") from None
 validate(config, os.path.join(workflow.basedir, "msdseg", "schemas", "config.schema.yaml"))
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -83,4 +83,139 @@ def image_from_xyz(array: np.ndarray, reference: sitk.Image | None = None) -> si
         image.SetOrigin(reference.GetOrigin())
         image.SetSpacing(reference.GetSpacing())
         image.SetDirection(reference.GetDirection())
+    return image
+
+
+# --------------------------------------------------------------------------- geometry, channels
+
+
+class Geometry(NamedTuple):
+    """Spatial grid of an image (x, y, z): what two images must share to be voxel-aligned."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 3x3, row-major, SimpleITK/LPS
+
+
+def spatial_geometry(image: sitk.Image | sitk.ImageFileReader) -> Geometry:
+    """The (x, y, z) grid of a 3D or 4D image (or of a reader after ReadImageInformation).
+
+    A 4D NIfTI (x, y, z, channel) keeps its spatial grid in the first three axes; the 4th axis'
+    spacing/origin are not geometry and are dropped.
+    """
+    dimension = image.GetDimension()
+    if dimension not in (3, 4):
+        raise ValueError(f"expected a 3D or 4D image, got {dimension}D (size {tuple(image.GetSize())})")
+    direction = image.GetDirection()
+    spatial_direction = tuple(float(direction[row * dimension + col]) for row in range(3) for col in range(3))
+    return Geometry(
+        size=tuple(int(v) for v in image.GetSize()[:3]),  # type: ignore[arg-type]
+        spacing=tuple(float(v) for v in image.GetSpacing()[:3]),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in image.GetOrigin()[:3]),  # type: ignore[arg-type]
+        direction=spatial_direction,
+    )
+
+
+def channel_count(image: sitk.Image | sitk.ImageFileReader) -> int:
+    """1 for a 3D scalar image, the 4th size of a 4D NIfTI, or the vector length of a vector image."""
+    if image.GetDimension() == 4:
+        return int(image.GetSize()[3])
+    if isinstance(image, sitk.ImageFileReader):
+        return int(image.GetNumberOfComponents())
+    return int(image.GetNumberOfComponentsPerPixel())
+
+
+def read_image_header(path: str | os.PathLike[str]) -> sitk.ImageFileReader:
+    """Header only (size, spacing, origin, direction, pixel type): cheap, no voxels are read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise OSError(f"{path}: not a readable image ({first_line})") from error
+    return reader
+
+
+def verify_complete(path: str | os.PathLike[str]) -> None:
+    """Raise OSError when a NIfTI file is truncated or its gzip stream is corrupt.
+
+    SimpleITK (ITK 5.4) reads a truncated ``.nii.gz`` without an error and fills the missing
+    voxels with zeros, so a half-downloaded file would silently become a wrong image. This
+    decompresses the file once (no array is built) and compares its length with the header's.
+    Other formats are not checked.
+    """
+    import zlib
+
+    import nibabel as nib
+
+    name = str(path).lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * int(
+            header.get_data_dtype().itemsize
+        )
+    except Exception as error:  # nibabel raises several types for broken headers
+        raise OSError(f"{path}: not a readable NIfTI header ({error})") from error
+    if not name.endswith(".gz"):
+        actual = os.path.getsize(path)
+    else:
+        actual = 0
+        decompressor = zlib.decompressobj(wbits=31)
+        try:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    while chunk:
+                        if decompressor.eof:  # another gzip member follows (concatenated .gz)
+                            if not chunk.strip(b"\0"):
+                                break  # trailing zero padding, as gzip tolerates
+                            decompressor = zlib.decompressobj(wbits=31)
+                        actual += len(decompressor.decompress(chunk))
+                        chunk = decompressor.unused_data if decompressor.eof else b""
+        except zlib.error as error:
+            raise OSError(f"{path}: corrupt gzip stream ({error})") from error
+        if not decompressor.eof:
+            raise OSError(
+                f"{path}: truncated: the gzip stream ends early ({actual} of {expected} bytes decompressed)"
+            )
+    if actual < expected:
+        raise OSError(f"{path}: truncated: {actual} bytes of data, the header needs {expected}")
+
+
+def iter_channels(image: sitk.Image) -> Iterator[sitk.Image]:
+    """The 3D channels of an image, one at a time (a 3D scalar image is its own only channel)."""
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        for index in range(size[3]):
+            yield sitk.Extract(
+                image,
+                size[:3] + [0],
+                [0, 0, 0, index],
+                sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX,
+            )
+    elif image.GetNumberOfComponentsPerPixel() > 1:
+        for index in range(image.GetNumberOfComponentsPerPixel()):
+            yield sitk.VectorIndexSelectionCast(image, index)
+    else:
+        yield image
+
+
+def join_channels(channels: Sequence[sitk.Image]) -> sitk.Image:
+    """One 3D image stays 3D; several become a 4D (x, y, z, c) image, which torchio reads as (C, x, y, z)."""
+    if len(channels) == 1:
+        return channels[0]
+    return sitk.JoinSeries(list(channels))
+
+
+def image_on_grid(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """SimpleITK image from an (x, y, z) array placed on ``geometry`` (e.g. a 4D image's spatial grid)."""
+    if tuple(array.shape) != tuple(geometry.size):
+        raise ValueError(f"array shape {tuple(array.shape)} does not match the grid size {geometry.size}")
+    image = image_from_xyz(array)
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing)
+    image.SetDirection(geometry.direction)
     return image

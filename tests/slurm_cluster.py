@@ -154,7 +154,7 @@ class SlurmCluster:
     def write_config(self) -> None:
         for sub in ("etc", "munge", "state", "spool", "log", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root / "munge", 0o700)
+        os.chmod(self.root / "munge", 0o755)
         key = self.root / "munge" / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
@@ -223,7 +223,6 @@ class SlurmCluster:
         (r / "etc" / "plugstack.conf").write_text("")
         gres_conf = f"NodeName={self.hostname} Name=gpu Count={self.gpus}\n" if self.gpus else ""
         (r / "etc" / "gres.conf").write_text("AutoDetect=off\n" + gres_conf)
-        (r / "etc" / "cgroup.conf").write_text("CgroupPlugin=disabled\n")
 
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self, name: str, argv: list[str]) -> None:

@@ -1,18 +1,9 @@
 """Paths, the archive source and input functions shared by every stage."""
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, workflow.basedir)  # the msdseg package beside the Snakefile
-
-from msdseg.config import ConfigError, check_config
 from msdseg.decathlon import SYNTHETIC_TASK, TASKS
-
-try:
-    check_config(config)
-except ConfigError as error:
-    raise WorkflowError(f"config.yaml or --config: {error}") from None
 
 TASK = config["task"]
 RESULTS = Path(config["results"]) / TASK

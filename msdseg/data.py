@@ -1,0 +1,225 @@
+"""Subjects, preprocessing, augmentation and the patch queue (torchio).
+
+Training transform per subject: ``preprocessing(plan)`` -> ``augmentation(config)`` ->
+:class:`PadToAtLeast` (patch size). Validation and inference apply ``preprocessing(plan)`` only
+and pad in :func:`msdseg.inference.predict_probabilities` with the same :class:`PadToAtLeast`,
+so the model sees the same padding (zeros after normalisation = the mean intensity) both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader, Sampler
+
+from msdseg.config import ConfigError
+from msdseg.errors import SubjectError
+
+IMAGE = "image"
+LABEL = "label"
+SAMPLING_MAP = "sampling_map"
+
+
+class ChannelZNormalization(tio.ZNormalization):
+    """Z-score each channel on its own: modalities of multi-channel tasks differ in scale.
+
+    ``tio.ZNormalization`` pools all channels; for one channel both are the same.
+    """
+
+    def apply_normalization(self, subject: tio.Subject, image_name: str, mask: torch.Tensor) -> None:
+        image = subject.get_scalar_image(image_name)
+        channels = []
+        for channel, channel_mask in zip(image.data, mask.expand_as(image.data)):
+            standardized = self.znorm(channel[None], channel_mask[None])
+            if standardized is None:
+                raise SubjectError(str(subject.get("subject", "?")), str(image.path),
+                                   f"channel {len(channels)} is constant (standard deviation 0); "
+                                   "exclude the subject (manifest.on_invalid: skip).")
+            channels.append(standardized)
+        image.set_data(torch.cat(channels))
+
+
+def preprocessing(plan: Mapping[str, Any]) -> tio.Transform:
+    """The one intensity preprocessing of training and inference, chosen by the plan.
+
+    ct: clip to ``ct_window`` and z-score with the training set's foreground ``ct_mean``/``ct_std``
+    (nnU-Net's CT scheme, identical for every image); zscore: per image; none: unchanged.
+    """
+    method = plan.get("normalization", "zscore")
+    if method == "ct":
+        window, mean, std = plan.get("ct_window"), plan.get("ct_mean"), plan.get("ct_std")
+        if window is None or mean is None or std is None or float(std) <= 0:
+            raise ConfigError(
+                "plan.json: normalization 'ct' needs ct_window, ct_mean and ct_std > 0 "
+                f"(got {window}, {mean}, {std}); rebuild the plan (rule plan) or set "
+                "preprocess.normalization: zscore."
+            )
+        # RescaleIntensity maps in_min_max linearly onto out_min_max: (x - mean) / std
+        return tio.Compose([
+            tio.Clamp(out_min=float(window[0]), out_max=float(window[1])),
+            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(float(mean), float(mean) + float(std))),
+        ])
+    if method == "zscore":
+        if int(plan.get("n_channels", 1)) > 1:
+            return ChannelZNormalization()
+        return tio.ZNormalization()
+    if method == "none":
+        return tio.Compose([])
+    raise ConfigError(f"plan.json: unknown normalization {method!r}; use ct, zscore or none.")
+
+
+def augmentation(config: Mapping[str, Any]) -> tio.Transform:
+    """Random spatial and intensity augmentation after normalisation (nnU-Net-like strengths).
+
+    2D models (``model.spatial_dims: 2``) rotate, scale and flip in-plane only.
+    """
+    options = config["train"]["augmentation"]
+    planar = config["model"]["spatial_dims"] == 2
+    transforms: list[tio.Transform] = []
+    if options["flip"]:
+        transforms.append(tio.RandomFlip(axes=(0, 1) if planar else (0, 1, 2), flip_probability=0.5))
+    if options["affine"]:
+        scales = (0.85, 1.15, 0.85, 1.15, 1.0, 1.0) if planar else (0.85, 1.15)
+        degrees = (0, 0, 0, 0, -15, 15) if planar else 15
+        transforms.append(tio.RandomAffine(scales=scales, degrees=degrees, p=0.3))
+    if options["elastic"]:
+        displacement = (5.0, 5.0, 0.0) if planar else 5.0
+        transforms.append(tio.RandomElasticDeformation(max_displacement=displacement, p=0.2))
+    if options["bias_field"]:
+        transforms.append(tio.RandomBiasField(coefficients=0.3, p=0.2))
+    if options["gamma"]:
+        transforms.append(tio.RandomGamma(log_gamma=(-0.3, 0.3), p=0.3))
+    if options["noise"]:
+        transforms.append(tio.RandomNoise(std=(0, 0.1), p=0.15))
+    return tio.Compose(transforms)
+
+
+class PadToAtLeast(tio.SpatialTransform):
+    """Pad every image to at least ``shape`` (centred, constant 0; labels get background).
+
+    torchio's samplers refuse volumes smaller than the patch and ``CropOrPad`` would crop the
+    larger axes, so this pads only where needed.
+    """
+
+    def __init__(self, shape: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shape = tuple(int(s) for s in shape)
+        self.args_names = ["shape"]
+
+    @staticmethod
+    def padding_for(spatial_shape: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+        """(x_lo, x_hi, y_lo, y_hi, z_lo, z_hi) as ``tio.Pad`` takes it."""
+        padding: list[int] = []
+        for size, target in zip(spatial_shape, shape):
+            missing = max(int(target) - int(size), 0)
+            padding += [missing // 2, missing - missing // 2]
+        return tuple(padding)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        padding = self.padding_for(subject.spatial_shape, self.shape)
+        if not any(padding):
+            return subject
+        return tio.Pad(padding, padding_mode=0)(subject)
+
+
+class SafeLabelSampler(tio.LabelSampler):
+    """``tio.LabelSampler`` that samples uniformly where it has nothing to aim at.
+
+    A subject with an empty label map (or with labels only near the border, where no patch can be
+    centred) makes torchio's sampler raise; training should go on with that subject.
+    """
+
+    def process_probability_map(self, probability_map: torch.Tensor, subject: tio.Subject) -> np.ndarray:
+        data = probability_map[0].numpy().astype(np.float64)
+        self.clear_probability_borders(data, self.patch_size)
+        if data.sum() == 0:
+            probability_map = torch.ones_like(probability_map)
+        return super().process_probability_map(probability_map, subject)
+
+
+def subjects_from_paths(rows: Sequence[Mapping[str, Any]]) -> list[tio.Subject]:
+    """torchio subjects from rows with keys subject, image and (optional) label / sampling_map.
+
+    4D images (x, y, z, c) become channels. Nothing is read yet (torchio loads lazily).
+    """
+    subjects = []
+    for row in rows:
+        name = str(row.get("subject", ""))
+        if not row.get("image"):
+            raise SubjectError(name or "?", "<no image>", "row has no image path; rebuild the manifest.")
+        fields: dict[str, Any] = {"subject": name, IMAGE: tio.ScalarImage(str(row["image"]))}
+        label = row.get("label")
+        if label is not None and not _is_missing(label) and str(label):
+            fields[LABEL] = tio.LabelMap(str(label))
+        if row.get(SAMPLING_MAP):
+            fields[SAMPLING_MAP] = tio.ScalarImage(str(row[SAMPLING_MAP]))
+        subjects.append(tio.Subject(**fields))
+    return subjects
+
+
+def _is_missing(value: Any) -> bool:
+    """pandas leaves NaN in empty label cells of test rows."""
+    try:
+        return bool(np.isnan(value))
+    except TypeError:
+        return False
+
+
+def training_transform(plan: Mapping[str, Any], config: Mapping[str, Any]) -> tio.Transform:
+    """preprocessing -> augmentation -> pad to the patch (the order matters, see module doc)."""
+    return tio.Compose([preprocessing(plan), augmentation(config), PadToAtLeast(config["train"]["patch_size"])])
+
+
+def make_sampler(config: Mapping[str, Any]) -> tio.data.PatchSampler:
+    """The patch sampler named by ``train.sampler``."""
+    train = config["train"]
+    patch = tuple(int(p) for p in train["patch_size"])
+    if train["sampler"] == "uniform":
+        return tio.UniformSampler(patch)
+    if train["sampler"] == "weighted":
+        return tio.WeightedSampler(patch, probability_map=SAMPLING_MAP)
+    probabilities = train.get("label_probabilities")
+    if probabilities is not None:
+        probabilities = {int(label): float(p) for label, p in probabilities.items()}
+        if sum(probabilities.values()) <= 0:
+            raise ConfigError("config key 'train.label_probabilities': at least one probability must be > 0.")
+    return SafeLabelSampler(patch, label_name=LABEL, label_probabilities=probabilities)
+
+
+def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config: Mapping[str, Any],
+               subject_sampler: Sampler | None = None, transform: tio.Transform | None = None) -> tio.Queue:
+    """The training patch queue (torchio): workers load and augment subjects, the main process samples.
+
+    ``subject_sampler`` (e.g. ``DistributedSampler``) replaces subject shuffling for DDP; call its
+    ``set_epoch`` yourself. ``transform`` defaults to :func:`training_transform`.
+    """
+    train = config["train"]
+    for subject in subjects:
+        if LABEL not in subject:
+            raise SubjectError(subject["subject"], str(subject[IMAGE].path),
+                               "a training subject needs a label; only role 'train' rows can be trained on.")
+        if train["sampler"] == "weighted" and SAMPLING_MAP not in subject:
+            raise SubjectError(subject["subject"], str(subject[IMAGE].path),
+                               "train.sampler 'weighted' needs a 'sampling_map' path per subject; "
+                               "add the column or use train.sampler: label.")
+    dataset = tio.SubjectsDataset(list(subjects), transform=transform or training_transform(plan, config))
+    samples = int(train["samples_per_volume"])
+    return tio.Queue(
+        dataset,
+        max_length=max(int(train["queue_length"]), samples),
+        samples_per_volume=samples,
+        sampler=make_sampler(config),
+        subject_sampler=subject_sampler,
+        num_workers=int(train["num_workers"]),
+        shuffle_subjects=subject_sampler is None,
+        shuffle_patches=True,
+    )
+
+
+def make_loader(queue: tio.Queue, batch_size: int, pin_memory: bool = False) -> DataLoader:
+    """Batches of patches from the queue. ``num_workers`` must be 0: the queue has its own workers."""
+    return tio.SubjectsLoader(queue, batch_size=batch_size, num_workers=0, pin_memory=pin_memory)

@@ -1,0 +1,105 @@
+"""Sliding-window probabilities with torchio's GridSampler/GridAggregator.
+
+One function serves validation during training and the infer rule (msdseg.predict builds the
+original geometry, fold ensembling and the out-of-memory fallback on top of it).
+Patches travel to the device in batches and their softmax comes straight back to the CPU, where
+the aggregator lives: the whole probability volume never has to fit on the GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torchio as tio
+from torch import nn
+
+from msdseg.data import IMAGE, PadToAtLeast
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for ``precision`` (auto/fp32/bf16/fp16); None = full fp32.
+
+    Mixed precision only on CUDA (on CPU autocast is slower for 3D convolutions); ``auto`` picks
+    bf16 where the GPU supports it (no loss scaling needed), else fp16.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def default_overlap(patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """Half the patch on each axis, rounded down to an even number (torchio needs even overlaps)."""
+    return tuple(int(p) // 2 - (int(p) // 2) % 2 for p in patch_size)  # type: ignore[return-value]
+
+
+def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Mirror axes of (B, C, x, y, z) tensors: all subsets of x, y (2D) or x, y, z (3D)."""
+    axes = (2, 3, 4) if spatial_dims == 3 else (2, 3)
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+def predict_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: Sequence[int] | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    overlap_mode: str = "hann",
+    tta: bool = False,
+    amp: str = "auto",
+) -> torch.Tensor:
+    """Softmax probabilities ``(n_classes, x, y, z)`` float32 on the CPU for a preprocessed image.
+
+    ``image`` is ``(C, x, y, z)`` after :func:`msdseg.data.preprocessing`. Volumes smaller than the
+    patch are padded like in training and cropped back. ``overlap`` None = half the patch.
+    ``device`` None = where the model is; ``amp``: auto/fp32/bf16/fp16 (used on CUDA only).
+    ``tta`` averages over all mirrorings (undone before averaging). 2D models take ``[H, W, 1]``
+    patches; the aggregator stacks the slices into the volume.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"predict_probabilities expects a (C, x, y, z) image, got shape {tuple(image.shape)}")
+    patch = tuple(int(p) for p in patch_size)
+    lap = default_overlap(patch) if overlap is None else tuple(int(v) for v in overlap)
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    model.to(device)
+    dtype = autocast_dtype(amp, device)
+    spatial_dims = getattr(model, "spatial_dims", getattr(getattr(model, "module", None), "spatial_dims", 3))
+    flips = _flip_sets(spatial_dims) if tta else [()]
+
+    spatial_shape = tuple(image.shape[1:])
+    padding = PadToAtLeast.padding_for(spatial_shape, patch)
+    subject = tio.Subject(**{IMAGE: tio.ScalarImage(tensor=image.detach().float().cpu())})
+    subject = PadToAtLeast(patch)(subject)
+    sampler = tio.GridSampler(subject, patch, lap)
+    aggregator = tio.GridAggregator(sampler, overlap_mode=overlap_mode)
+    loader = tio.SubjectsLoader(sampler, batch_size=batch_size, num_workers=0,
+                                pin_memory=device.type == "cuda")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                x = batch[IMAGE][tio.DATA].to(device, non_blocking=True)
+                probabilities = torch.zeros((), device=device)
+                for axes in flips:
+                    x_in = x.flip(axes) if axes else x
+                    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                        logits = model(x_in)
+                    p = torch.softmax(logits.float(), dim=1)
+                    probabilities = probabilities + (p.flip(axes) if axes else p)
+                aggregator.add_batch((probabilities / len(flips)).cpu(), batch[tio.LOCATION])
+    finally:
+        model.train(was_training)
+
+    output = aggregator.get_output_tensor().float()
+    lo = padding[0::2]
+    crop = tuple(slice(start, start + size) for start, size in zip(lo, spatial_shape))
+    return output[(slice(None), *crop)].contiguous()

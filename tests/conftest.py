@@ -1,0 +1,63 @@
+"""Shared fixtures: a loopback HTTP server, the read-only real data, extracted tasks.
+
+``tests/`` is on ``sys.path`` while pytest runs, so helpers import as ``from loopback import
+LoopbackServer``.
+
+Fixtures
+- ``http_server``: a started :class:`loopback.LoopbackServer` serving ``tmp_path / "served"``
+  (function scope, stopped at teardown). ``http_server.url_for(path)`` gives a URL.
+- ``shared_data``: ``../shared/data`` beside the checkout (skips when absent).
+- ``hippocampus_tar``: the real Task04_Hippocampus.tar (read-only, never copy it).
+- ``hippocampus_dir``: that archive extracted once per session (holds dataset.json); read-only
+  by convention, copy it before changing anything.
+- ``synthetic_dir``: a small Task00_SyntheticLiver (4 train, 1 test) extracted once per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loopback import LoopbackServer
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[LoopbackServer]:
+    served = tmp_path / "served"
+    served.mkdir()
+    with LoopbackServer(served) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "Task04_Hippocampus.tar").is_file():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def hippocampus_tar(shared_data: Path) -> Path:
+    return shared_data / "Task04_Hippocampus.tar"
+
+
+@pytest.fixture(scope="session")
+def hippocampus_dir(hippocampus_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from msdseg.archive import safe_extract
+
+    return safe_extract(hippocampus_tar, tmp_path_factory.mktemp("hippocampus") / "Task04_Hippocampus")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from msdseg.archive import safe_extract
+    from msdseg.synthetic import make_synthetic_task
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    archive = folder / "Task00_SyntheticLiver.tar"
+    make_synthetic_task(archive, n_train=4, n_test=1, seed=0)
+    return safe_extract(archive, folder / "Task00_SyntheticLiver")
