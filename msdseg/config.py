@@ -100,3 +100,33 @@ def check_config(config: Mapping[str, Any]) -> None:
     n_classes_weights = config["train"].get("class_weights")
     if n_classes_weights is not None and len(n_classes_weights) < 2:
         raise ConfigError("config key 'train.class_weights': give one weight per label (at least 2).")
+
+
+def schema_rows(schema: Mapping[str, Any] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every leaf key, for the README's reference table."""
+    schema = load_schema() if schema is None else schema
+    rows: list[tuple[str, str, str, str]] = []
+    for name, sub in schema.get("properties", {}).items():
+        key = f"{prefix}{name}"
+        if sub.get("type") == "object" and "properties" in sub:
+            rows += schema_rows(sub, prefix=f"{key}.")
+            continue
+        declared = sub.get("type")
+        kinds = (" or ".join(declared) if isinstance(declared, list) else declared) or " or ".join(
+            str(option.get("type", "")) + (f" ({', '.join(map(str, option['enum']))})" if "enum" in option else "") for option in sub.get("oneOf", [])
+        )
+        if "enum" in sub:
+            kinds = f"{kinds} ({', '.join(map(str, sub['enum']))})"
+        default = yaml.safe_dump(sub.get("default"), default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append((key, str(kinds), default, " ".join(str(sub.get("description", "")).split())))
+    return rows
+
+
+def schema_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {t} | `{d}` | {m} |" for k, t, d, m in schema_rows()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_markdown())

@@ -72,6 +72,15 @@ def preprocessing(plan: Mapping[str, Any]) -> tio.Transform:
     raise ConfigError(f"plan.json: unknown normalization {method!r}; use ct, zscore or none.")
 
 
+def mirror_axes(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """Spatial axes mirrored in training (and so in test-time augmentation); 2D never mirrors z."""
+    options = config["train"]["augmentation"]
+    if not options["flip"]:
+        return ()
+    axes = options.get("flip_axes", (0, 1, 2))
+    return tuple(sorted(int(a) for a in axes if not (config["model"]["spatial_dims"] == 2 and int(a) == 2)))
+
+
 def augmentation(config: Mapping[str, Any]) -> tio.Transform:
     """Random spatial and intensity augmentation after normalisation (nnU-Net-like strengths).
 
@@ -80,8 +89,9 @@ def augmentation(config: Mapping[str, Any]) -> tio.Transform:
     options = config["train"]["augmentation"]
     planar = config["model"]["spatial_dims"] == 2
     transforms: list[tio.Transform] = []
-    if options["flip"]:
-        transforms.append(tio.RandomFlip(axes=(0, 1) if planar else (0, 1, 2), flip_probability=0.5))
+    axes = mirror_axes(config)
+    if axes:
+        transforms.append(tio.RandomFlip(axes=axes, flip_probability=0.5))
     if options["affine"]:
         scales = (0.85, 1.15, 0.85, 1.15, 1.0, 1.0) if planar else (0.85, 1.15)
         degrees = (0, 0, 0, 0, -15, 15) if planar else 15

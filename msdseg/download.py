@@ -48,6 +48,19 @@ def _digests(path: Path, algorithms: list[str]) -> dict[str, str]:
     return {name: digest.hexdigest() for name, digest in hashes.items()}
 
 
+def verify_checksum(path: str | os.PathLike[str], *, md5: str | None = None, sha256: str | None = None) -> None:
+    """Check a local archive (source.archive) against its digests; never deletes the user's file."""
+    expected = {name: value.lower() for name, value in (("md5", md5), ("sha256", sha256)) if value}
+    actual = _digests(Path(path), sorted(expected))
+    for name, want in expected.items():
+        if actual[name] != want:
+            raise ChecksumError(
+                f"{path}: {name} mismatch: expected {want}, got {actual[name]}. The archive is "
+                f"corrupted or not the one you meant: fetch it again, or fix source.{name}."
+            )
+    log.info("%s: verified %s", path, ", ".join(f"{n} {v}" for n, v in sorted(expected.items())))
+
+
 def _part_path(destination: Path) -> Path:
     return destination.with_name(destination.name + ".part")
 

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from msdseg.io import atomic_path
 from msdseg.metrics import METRIC_COLUMNS
 
 SUMMARY_COLUMNS = ["fold", "label", "class_name", "n", "mean", "std", "median", "min", "max"]
@@ -57,12 +56,6 @@ def fold_metrics(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows), columns=METRIC_COLUMNS)
     frame = frame.astype(_METRIC_DTYPES)
     return frame.sort_values(["subject", "label"], kind="stable").reset_index(drop=True)
-
-
-def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write a table atomically (a killed job leaves no half-written CSV behind)."""
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -36,10 +36,16 @@ def default_overlap(patch_size: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(p) // 2 - (int(p) // 2) % 2 for p in patch_size)  # type: ignore[return-value]
 
 
-def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Mirror axes of (B, C, x, y, z) tensors: all subsets of x, y (2D) or x, y, z (3D)."""
-    axes = (2, 3, 4) if spatial_dims == 3 else (2, 3)
-    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+def _flip_sets(tta: bool | Sequence[int], spatial_dims: int) -> list[tuple[int, ...]]:
+    """Dims of (B, C, x, y, z) tensors to mirror: every subset of the TTA axes (identity first)."""
+    if tta is True:
+        spatial = (0, 1, 2) if spatial_dims == 3 else (0, 1)
+    elif tta is False:
+        spatial = ()
+    else:
+        spatial = tuple(int(a) for a in tta)
+    dims = tuple(2 + a for a in sorted(set(spatial)))
+    return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
 
 
 def predict_probabilities(
@@ -50,7 +56,7 @@ def predict_probabilities(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     overlap_mode: str = "hann",
-    tta: bool = False,
+    tta: bool | Sequence[int] = False,
     amp: str = "auto",
 ) -> torch.Tensor:
     """Softmax probabilities ``(n_classes, x, y, z)`` float32 on the CPU for a preprocessed image.
@@ -58,8 +64,10 @@ def predict_probabilities(
     ``image`` is ``(C, x, y, z)`` after :func:`msdseg.data.preprocessing`. Volumes smaller than the
     patch are padded like in training and cropped back. ``overlap`` None = half the patch.
     ``device`` None = where the model is; ``amp``: auto/fp32/bf16/fp16 (used on CUDA only).
-    ``tta`` averages over all mirrorings (undone before averaging). 2D models take ``[H, W, 1]``
-    patches; the aggregator stacks the slices into the volume.
+    ``tta``: True averages over all mirrorings of x, y (and z in 3D), a sequence of axes (e.g. the
+    model's ``meta["mirror_axes"]``, those seen in training) over the mirrorings of those only;
+    each is undone before averaging. 2D models take ``[H, W, 1]`` patches; the aggregator stacks
+    the slices into the volume.
     """
     if image.ndim != 4:
         raise ValueError(f"predict_probabilities expects a (C, x, y, z) image, got shape {tuple(image.shape)}")
@@ -71,7 +79,7 @@ def predict_probabilities(
     model.to(device)
     dtype = autocast_dtype(amp, device)
     spatial_dims = getattr(model, "spatial_dims", getattr(getattr(model, "module", None), "spatial_dims", 3))
-    flips = _flip_sets(spatial_dims) if tta else [()]
+    flips = _flip_sets(tta, spatial_dims)
 
     spatial_shape = tuple(image.shape[1:])
     padding = PadToAtLeast.padding_for(spatial_shape, patch)

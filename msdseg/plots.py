@@ -54,8 +54,8 @@ def plot_learning_curve(training_log_csv: str | os.PathLike[str], out_png: str |
     if {"iteration", "loss"} <= set(log.columns) and len(log):
         loss = log[["iteration", "loss"]].dropna()
         ax_loss.plot(loss["iteration"], loss["loss"], color=_COLORS[0], linewidth=0.8, label="loss")
-        if len(loss) >= 20:
-            window = max(len(loss) // 20, 2)
+        if len(loss) >= 50:
+            window = max(len(loss) // 20, 5)
             smooth = loss["loss"].rolling(window, min_periods=1, center=True).mean()
             ax_loss.plot(loss["iteration"], smooth, color=_COLORS[1], linewidth=1.5, label=f"mean of {window}")
         ax_loss.legend(loc="upper right")
@@ -94,8 +94,9 @@ def plot_dice_boxplot(metrics_df: pd.DataFrame, out_png: str | os.PathLike[str])
     if classes.empty:
         _save(_message_figure("no metrics to plot"), out_png)
         return
-    values, ticks = [], []
+    values, ticks, colors = [], [], []
     for label, name in classes.itertuples(index=False):
+        colors.append(_COLORS[int(label) % len(_COLORS)])  # same colour per class as the overlays
         dice_values = metrics_df.loc[metrics_df["label"] == label, "dice"].astype(float)
         kept = dice_values.dropna().to_numpy()
         values.append(kept)
@@ -104,7 +105,7 @@ def plot_dice_boxplot(metrics_df: pd.DataFrame, out_png: str | os.PathLike[str])
     positions = np.arange(1, len(values) + 1)
     ax.boxplot([v if v.size else [np.nan] for v in values], positions=positions, widths=0.5, showfliers=False)
     rng = np.random.default_rng(0)
-    for position, kept, color in zip(positions, values, _COLORS):
+    for position, kept, color in zip(positions, values, colors):
         jitter = rng.uniform(-0.12, 0.12, size=kept.size)
         ax.scatter(position + jitter, kept, s=10, alpha=0.6, color=color, zorder=3)
     ax.set_xticks(positions, ticks)

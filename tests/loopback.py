@@ -86,7 +86,9 @@ class LoopbackServer:
             self._status, self._status_left = status, requests
 
     def start(self) -> LoopbackServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="loopback-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback-http", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order (reverse of start)
-REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol")
+REQUIRED_COMMANDS = (
+    "munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel",
+)
 PARTITIONS = ("cpu", "gpu")
 
 
@@ -133,7 +135,9 @@ class SlurmCluster:
         """os.environ plus SLURM_CONF (and sbin on PATH): pass it to every SLURM client."""
         env = dict(os.environ)
         env["SLURM_CONF"] = str(self.conf)
-        env["PATH"] = env.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
+        env["PATH"] = os.pathsep.join(
+            [str(self.root / "bin"), env.get("PATH", ""), "/usr/sbin", "/sbin"]
+        )
         for key in list(env):  # never inherit a surrounding job's context
             if key.startswith(("SLURM_JOB", "SLURM_STEP", "SBATCH_", "SRUN_", "SALLOC_")):
                 env.pop(key)
@@ -194,7 +198,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd.log",
             "SlurmctldDebug=info",
-            "SlurmdDebug=info",
+            "SlurmdDebug=debug2",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -221,7 +225,25 @@ class SlurmCluster:
         ]
         self.conf.write_text("\n".join(lines))
         (r / "etc" / "plugstack.conf").write_text("")
-        gres_conf = f"NodeName={self.hostname} Name=gpu Count={self.gpus}\n" if self.gpus else ""
+        # snakemake-executor-plugin-slurm-jobstep starts each job with `srun` after removing
+        # every SLURM_* variable (SLURM_CONF included) from the environment; a real cluster
+        # has its config at /etc/slurm or configless, this one lives here: srun on PATH is
+        # a two-line shim that names this cluster's config and runs the real srun.
+        (r / "bin").mkdir(exist_ok=True)
+        shim = r / "bin" / "srun"
+        shim.write_text(
+            f"#!/bin/sh\nSLURM_CONF='{self.conf}' exec '{_which('srun')}' \"$@\"\n"
+        )
+        shim.chmod(0o755)
+        # slurmd drops GPUs without a device file; empty regular files named like NVIDIA
+        # devices stand in for them (no cgroup device constraint exists to notice)
+        gres_conf = ""
+        if self.gpus:
+            (r / "dev").mkdir(exist_ok=True)
+            for index in range(self.gpus):
+                (r / "dev" / f"nvidia{index}").touch()
+            files = f"{r}/dev/nvidia[0-{self.gpus - 1}]" if self.gpus > 1 else f"{r}/dev/nvidia0"
+            gres_conf = f"NodeName={self.hostname} Name=gpu File={files}\n"
         (r / "etc" / "gres.conf").write_text("AutoDetect=off\n" + gres_conf)
 
     # ------------------------------------------------------------------ lifecycle

@@ -32,12 +32,12 @@ def snakemake(
         "--directory", str(workdir),
         "--cores", str(cores),
         "--nocolor",
+        *args,
     ]
-    if config:
+    if config:  # last: --configfile takes every following word as a file
         config_file = workdir / "test_config.yaml"
         config_file.write_text(yaml.safe_dump(config))
         command += ["--configfile", str(config_file)]
-    command += list(args)
     environment = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPOSITORY))
     return subprocess.run(
         command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=timeout

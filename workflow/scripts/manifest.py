@@ -5,9 +5,8 @@ import _bootstrap  # noqa: F401
 from pathlib import Path
 
 from msdseg.decathlon import read_dataset_json
-from msdseg.io import write_csv
 from msdseg.logs import job_log
-from msdseg.manifest import build_manifest, write_manifest
+from msdseg.manifest import build_manifest, write_excluded, write_manifest
 
 with job_log(snakemake.log[0]):
     settings = snakemake.params.manifest
@@ -19,5 +18,5 @@ with job_log(snakemake.log[0]):
         on_invalid=settings["on_invalid"],
         affine_tolerance=settings["affine_tolerance"],
     )
-    write_csv(excluded, snakemake.output.excluded)
+    write_excluded(excluded, snakemake.output.excluded)
     write_manifest(manifest, snakemake.output.manifest)

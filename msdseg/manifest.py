@@ -1,0 +1,494 @@
+"""The subject table (manifest.csv): every subject of dataset.json validated, measured and foldered.
+
+Reading every image once is the price of catching broken subjects here, before hours of
+training, instead of in a worker that crashes on subject 173. Subjects are read one at a time and
+their voxels are scanned in slabs along z, so a large CT costs about its own size in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from msdseg import io
+from msdseg.decathlon import DatasetInfo, SubjectFiles
+from msdseg.errors import DatasetError, SubjectError
+
+ON_INVALID = ("error", "skip")
+
+LIST_COLUMNS = ("shape", "spacing", "origin", "direction")
+STAT_COLUMNS = (
+    "intensity_mean",
+    "intensity_std",
+    "intensity_min",
+    "intensity_max",
+    "fg_mean",
+    "fg_std",
+    "fg_p00_5",
+    "fg_p99_5",
+)
+EXCLUDED_COLUMNS = ["subject", "role", "file", "reason"]
+
+_SKIP_HINT = "or set manifest.on_invalid: skip to drop the subject and list it in excluded.csv"
+_SLAB_VOXELS = 8_000_000  # voxels scanned at once: bounds the temporaries of a large CT
+_MAX_LISTED = 20  # label values shown in a message
+
+
+def manifest_columns(labels: Mapping[int, str] | Sequence[int]) -> list[str]:
+    """The fixed column order of manifest.csv for a dataset's labels (``voxels_<label value>``)."""
+    voxel_columns = [f"voxels_{int(key)}" for key in sorted(int(k) for k in labels)]
+    return [
+        "subject",
+        "role",
+        "fold",
+        "image",
+        "label",
+        "n_channels",
+        *LIST_COLUMNS,
+        *voxel_columns,
+        *STAT_COLUMNS,
+    ]
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, int]:
+    """Fold per subject: sorted ids, a seeded permutation, then round-robin.
+
+    Sorting first makes the result independent of the order dataset.json lists subjects in;
+    round-robin makes fold sizes differ by at most one.
+    """
+    ids = sorted(str(s) for s in subjects)
+    if len(set(ids)) != len(ids):
+        duplicates = sorted(s for s, n in Counter(ids).items() if n > 1)
+        raise ValueError(f"subject ids must be unique, got duplicates {duplicates}")
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    if len(ids) < n_folds:
+        raise DatasetError(
+            f"only {len(ids)} training subject(s) for {n_folds} folds, so some folds would have no "
+            f"validation subject; lower manifest.n_folds to at most {max(len(ids), 2)} or add subjects."
+        )
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[int(index)]: position % n_folds for position, index in enumerate(order)}
+
+
+# --------------------------------------------------------------------------- one subject
+
+
+class _Invalid(Exception):
+    """One subject failed a check: which file, what is wrong, how to fix it (without the skip hint)."""
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+        self.fix = fix
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+def _describe(geometry: io.Geometry) -> str:
+    return (
+        f"origin {_fmt(geometry.origin)}, spacing {_fmt(geometry.spacing)}, "
+        f"direction {_fmt(geometry.direction)}"
+    )
+
+
+def _open(path: str, what: str) -> tuple[sitk.ImageFileReader, io.NiftiScan]:
+    """Header and non-finite counts of an existing, complete image, or _Invalid saying what it is not.
+
+    NaN/inf come from the raw file (:func:`msdseg.io.scan_nifti`): SimpleITK reads them as 0.
+    """
+    if not os.path.isfile(path):
+        raise _Invalid(
+            path,
+            f"{what} file not found (listed in dataset.json)",
+            "restore the file (extract the archive again) or remove the subject from dataset.json",
+        )
+    try:
+        header = io.read_image_header(path)
+        if header.GetDimension() not in (3, 4):
+            raise _Invalid(
+                path,
+                f"{what} is {header.GetDimension()}D (size {tuple(header.GetSize())}); "
+                "expected a 3D volume or a 4D (x, y, z, channel) NIfTI",
+                "replace the file with a 3D/4D NIfTI or remove the subject from dataset.json",
+            )
+        scan = io.scan_nifti(path)
+    except OSError as error:
+        raise _Invalid(
+            path,
+            f"{what} is not a readable, complete NIfTI image ({error})",
+            "replace the file (extract the archive again; a truncated download looks like this) "
+            "or remove the subject from dataset.json",
+        ) from None
+    return header, scan
+
+
+def _read(path: str, what: str) -> sitk.Image:
+    try:
+        return io.read_image(path)
+    except OSError as error:
+        raise _Invalid(
+            path,
+            f"{what} is not a readable NIfTI image ({error})",
+            "replace the file or remove the subject from dataset.json",
+        ) from None
+
+
+def _nonfinite(path: str, n_nan: int, n_inf: int) -> _Invalid:
+    return _Invalid(
+        path,
+        f"image has {n_nan} NaN and {n_inf} infinite voxel(s)",
+        "replace the non-finite voxels (e.g. with the background value) or the file",
+    )
+
+
+def _clean(values: Sequence[float]) -> list[float]:
+    """Floats with -0.0 written as 0.0 (NIfTI headers often hold signed zeros in the direction)."""
+    return [float(v) + 0.0 for v in values]
+
+
+def _slabs(depth: int, plane_voxels: int) -> Iterator[slice]:
+    step = max(1, _SLAB_VOXELS // max(plane_voxels, 1))
+    for start in range(0, depth, step):
+        yield slice(start, min(start + step, depth))
+
+
+def _geometry_mismatch(image: io.Geometry, label: io.Geometry, tolerance: float) -> str | None:
+    """Which of origin/spacing/direction differ by more than ``tolerance`` (None if none)."""
+    differing = [
+        f"{name} by up to {difference:.4g}"
+        for name in ("origin", "spacing", "direction")
+        if (difference := float(np.max(np.abs(np.subtract(getattr(image, name), getattr(label, name)))))) > tolerance
+    ]
+    return ", ".join(differing) if differing else None
+
+
+class _Moments:
+    """Count, mean, M2, min, max merged slab by slab (Chan et al.), in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        n = int(values.size)
+        if n == 0:
+            return
+        mean = float(np.mean(values, dtype=np.float64))
+        m2 = float(np.sum(np.square(values.astype(np.float64, copy=False) - mean)))
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+        self.low = min(self.low, float(values.min()))
+        self.high = max(self.high, float(values.max()))
+
+    def stats(self) -> tuple[float, float, float, float]:
+        if self.count == 0:
+            return (math.nan,) * 4
+        return self.mean, math.sqrt(self.m2 / self.count), self.low, self.high
+
+
+def _is_integral(value: float) -> bool:
+    return float(value).is_integer()
+
+
+def _label_value_counts(slab: np.ndarray) -> Counter:
+    """Voxel count per value of one label slab (bincount for small non-negative integers)."""
+    flat = slab.reshape(-1)
+    if flat.size == 0:
+        return Counter()
+    if np.issubdtype(flat.dtype, np.integer):
+        low, high = int(flat.min()), int(flat.max())
+        if low >= 0 and high < 65536:
+            counts = np.bincount(flat, minlength=high + 1)
+            return Counter({value: int(n) for value, n in enumerate(counts) if n})
+    values, counts = np.unique(flat, return_counts=True)
+    return Counter(
+        {(int(v) if _is_integral(v) else float(v)): int(n) for v, n in zip(values.tolist(), counts.tolist())}
+    )
+
+
+def _label_array(label: sitk.Image) -> np.ndarray:
+    """(x, y, z) view of a label map; a 4D label with one volume counts as 3D."""
+    if label.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"a label map must have one value per voxel, got {label.GetNumberOfComponentsPerPixel()}")
+    array = io.xyz_view(label)
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(f"a label map must be 3D, got size {tuple(label.GetSize())}")
+    return array
+
+
+def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -> dict[str, Any]:
+    """One manifest row for a subject, or _Invalid for its first problem."""
+    image_path = str(files.image)
+    label_path = "" if files.label is None else str(files.label)
+    image_header, image_scan = _open(image_path, "image")
+    image_geometry = io.spatial_geometry(image_header)
+    n_channels = io.channel_count(image_header)
+    if image_scan.n_nan or image_scan.n_inf:
+        raise _nonfinite(image_path, image_scan.n_nan, image_scan.n_inf)
+
+    if files.label is not None:
+        label_header, label_scan = _open(label_path, "label")
+        if label_scan.n_nan or label_scan.n_inf:
+            raise _Invalid(
+                label_path,
+                f"label has {label_scan.n_nan} NaN and {label_scan.n_inf} infinite voxel(s)",
+                "relabel the file with the dataset.json label values",
+            )
+        label_size = tuple(label_header.GetSize())
+        if label_header.GetDimension() == 4 and label_size[3] == 1:
+            label_size = label_size[:3]
+        if label_size != image_geometry.size:
+            raise _Invalid(
+                label_path,
+                f"label shape {label_size} differs from the image shape {image_geometry.size} "
+                f"({image_path})",
+                "the label must be on the image's voxel grid; replace the label",
+            )
+        label_geometry = io.spatial_geometry(label_header)
+        mismatch = _geometry_mismatch(image_geometry, label_geometry, tolerance)
+        if mismatch:
+            raise _Invalid(
+                label_path,
+                f"label geometry differs from the image ({mismatch}; manifest.affine_tolerance is "
+                f"{tolerance}): image {_describe(image_geometry)}; label {_describe(label_geometry)}",
+                "if the difference is only header rounding, raise manifest.affine_tolerance; "
+                "otherwise resample the label onto the image grid or replace it",
+            )
+
+    # voxels: the image once, the label beside it, slab by slab along z
+    image = _read(image_path, "image")
+    voxels = io.xyz_view(image)
+    if voxels.ndim == 3:
+        voxels = voxels[..., np.newaxis]
+    first = voxels[..., 0]
+    label_voxels = None
+    if files.label is not None:
+        label_image = _read(label_path, "label")
+        try:
+            label_voxels = _label_array(label_image)
+        except ValueError as error:
+            raise _Invalid(label_path, str(error), "replace the label with a 3D label map") from None
+
+    floating = np.issubdtype(voxels.dtype, np.floating)
+    whole, foreground = _Moments(), _Moments()
+    fg_values: list[np.ndarray] = []
+    value_counts: Counter = Counter()
+    size = image_geometry.size
+    for z in _slabs(size[2], size[0] * size[1]):
+        if floating and not np.isfinite(voxels[:, :, z]).all():  # non-NIfTI formats keep NaN in SimpleITK
+            raise _nonfinite(
+                image_path, int(np.count_nonzero(np.isnan(voxels))), int(np.count_nonzero(np.isinf(voxels)))
+            )
+        whole.add(first[:, :, z])
+        if label_voxels is not None:
+            label_slab = label_voxels[:, :, z]
+            value_counts.update(_label_value_counts(label_slab))
+            inside = first[:, :, z][label_slab > 0]
+            foreground.add(inside)
+            fg_values.append(inside)
+    if label_voxels is not None:
+        allowed = {int(k) for k in labels}
+        unknown = sorted(
+            (v for v in value_counts if not (isinstance(v, int) and v in allowed)), key=lambda v: float(v)
+        )
+        if unknown:
+            shown = ", ".join(f"{v} ({value_counts[v]} voxels)" for v in unknown[:_MAX_LISTED])
+            more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
+            raise _Invalid(
+                label_path,
+                f"label values {shown}{more} are not in dataset.json labels {sorted(allowed)}",
+                "relabel the file to the dataset.json labels or add the values to dataset.json 'labels'",
+            )
+
+    intensity = whole.stats()
+    fg_mean, fg_std, _, _ = foreground.stats()
+    p_low = p_high = math.nan
+    if foreground.count:
+        pooled = np.concatenate(fg_values)
+        p_low, p_high = (float(v) for v in np.percentile(pooled, [0.5, 99.5]))
+        del pooled
+    del fg_values, first, voxels, label_voxels
+
+    row: dict[str, Any] = {
+        "subject": files.subject,
+        "role": files.role,
+        "fold": -1,
+        "image": image_path,
+        "label": label_path,
+        "n_channels": n_channels,
+        "shape": list(image_geometry.size),
+        "spacing": _clean(image_geometry.spacing),
+        "origin": _clean(image_geometry.origin),
+        "direction": _clean(image_geometry.direction),
+        "intensity_mean": intensity[0],
+        "intensity_std": intensity[1],
+        "intensity_min": intensity[2],
+        "intensity_max": intensity[3],
+        "fg_mean": fg_mean,
+        "fg_std": fg_std,
+        "fg_p00_5": p_low,
+        "fg_p99_5": p_high,
+    }
+    for key in labels:
+        row[f"voxels_{int(key)}"] = int(value_counts.get(int(key), 0)) if files.label is not None else pd.NA
+    return row
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def build_manifest(
+    dataset: DatasetInfo,
+    *,
+    n_folds: int,
+    seed: int,
+    on_invalid: str = "error",
+    affine_tolerance: float = 1e-3,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(manifest, excluded) for every subject of ``dataset``; folds go to the surviving training subjects.
+
+    ``on_invalid="error"`` raises SubjectError at the first broken subject; ``"skip"`` drops it
+    and records (subject, role, file, reason) in ``excluded``. Rows are sorted: training
+    subjects first, then test, each by subject id, so the table does not depend on the order of
+    dataset.json.
+    """
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    labels = dict(sorted((int(k), str(v)) for k, v in dataset.labels.items()))
+    seen = Counter(s.subject for s in dataset.subjects)
+    duplicates = sorted(s for s, n in seen.items() if n > 1)
+    if duplicates:
+        raise DatasetError(f"{dataset.root}/dataset.json: subjects listed twice: {duplicates}; list each once.")
+
+    rows: list[dict[str, Any]] = []
+    excluded: list[dict[str, str]] = []
+    for files in sorted(dataset.subjects, key=lambda s: (s.role != "train", s.subject)):
+        try:
+            rows.append(_inspect(files, labels, affine_tolerance))
+        except _Invalid as invalid:
+            if on_invalid == "error":
+                raise SubjectError(
+                    files.subject, invalid.path, f"{invalid.problem}. Fix: {invalid.fix}, {_SKIP_HINT}."
+                ) from None
+            excluded.append(
+                {"subject": files.subject, "role": files.role, "file": invalid.path, "reason": invalid.problem}
+            )
+
+    training = [row["subject"] for row in rows if row["role"] == "train"]
+    if not training:
+        raise DatasetError(
+            f"{dataset.root}/dataset.json: no valid training subject left "
+            f"({len(excluded)} excluded, see excluded.csv); a model needs labelled subjects."
+        )
+    folds = assign_folds(training, n_folds, seed)
+    for row in rows:
+        if row["role"] == "train":
+            row["fold"] = folds[row["subject"]]
+
+    manifest = _typed(pd.DataFrame(rows, columns=manifest_columns(labels)))
+    excluded_table = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS).astype(str)
+    return manifest, excluded_table
+
+
+def _voxel_columns(columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c.startswith("voxels_")]
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """The one set of dtypes of a manifest, so build_manifest and read_manifest agree exactly."""
+    table = table.reset_index(drop=True)
+    for column in ("subject", "role", "image", "label"):
+        table[column] = table[column].astype(str)
+    for column in ("fold", "n_channels"):
+        table[column] = table[column].astype(np.int64)
+    for column in _voxel_columns(table.columns):
+        table[column] = table[column].astype("Int64")
+    for column in STAT_COLUMNS:
+        table[column] = table[column].astype(np.float64)
+    for column in LIST_COLUMNS:
+        table[column] = pd.Series([list(v) for v in table[column]], index=table.index, dtype=object)
+    return table
+
+
+def _cell(value: Any) -> str:
+    """Text of one cell: JSON lists, repr floats (exact round trip), empty for missing."""
+    if isinstance(value, (list, tuple)):
+        return json.dumps([v.item() if isinstance(v, np.generic) else v for v in value])
+    if value is None or value is pd.NA:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else repr(float(value))
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(value)
+
+
+def _csv_text(table: pd.DataFrame, columns: Sequence[str]) -> str:
+    buffer = _stdio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for record in table[list(columns)].itertuples(index=False, name=None):
+        writer.writerow([_cell(v) for v in record])
+    return buffer.getvalue()
+
+
+def write_manifest(manifest: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write manifest.csv atomically; the same table always gives the same bytes."""
+    voxel_columns = sorted(_voxel_columns(manifest.columns), key=lambda c: int(c.split("_", 1)[1]))
+    columns = manifest_columns([int(c.split("_", 1)[1]) for c in voxel_columns])
+    missing = [c for c in columns if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"manifest lacks columns {missing}")
+    io.write_text(_csv_text(manifest, columns), path)
+
+
+def write_excluded(excluded: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write excluded.csv (subject, role, file, reason) atomically; a header only when none was dropped."""
+    io.write_text(_csv_text(excluded, EXCLUDED_COLUMNS), path)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read manifest.csv with its list cells decoded (``[0.8, 0.8, 2.5]`` -> list) and typed columns."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    expected = manifest_columns([int(c.split("_", 1)[1]) for c in _voxel_columns(table.columns)])
+    if list(table.columns) != expected:
+        raise DatasetError(
+            f"{path}: columns {list(table.columns)} are not those of a manifest ({expected}); "
+            "delete the file so the manifest rule writes it again."
+        )
+    for column in LIST_COLUMNS:
+        table[column] = pd.Series([json.loads(v) for v in table[column]], index=table.index, dtype=object)
+    for column in ("fold", "n_channels"):
+        table[column] = table[column].map(int)
+    for column in _voxel_columns(table.columns):
+        table[column] = pd.array([int(v) if v != "" else pd.NA for v in table[column]], dtype="Int64")
+    for column in STAT_COLUMNS:
+        table[column] = [float(v) if v != "" else math.nan for v in table[column]]
+    return _typed(table)

@@ -1,0 +1,343 @@
+"""Predict one subject with one model or a fold ensemble and write it in the original geometry.
+
+Steps: check that all checkpoints belong to the same task and fit the image -> intensity
+preprocessing of the model's plan (:func:`msdseg.data.preprocessing`) -> grid-aggregated
+probabilities on the resampled grid (:func:`msdseg.inference.predict_probabilities`), averaged
+over the models -> probabilities mapped onto the original grid, one class at a time, with a
+running argmax -> uint8 NIfTI with the original header (affine, shape, orientation), written
+atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+
+from msdseg.errors import ModelError, SubjectError
+from msdseg.io import atomic_path, image_on_grid, read_image_header, spatial_geometry, write_image
+from msdseg.metrics import read_label_volume, subject_id, volume_ml
+
+logger = logging.getLogger(__name__)
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _labels_of(meta: Mapping[str, Any]) -> dict[int, str]:
+    return {int(key): str(value) for key, value in dict(meta.get("labels") or {}).items()}
+
+
+def _describe(meta: Mapping[str, Any]) -> str:
+    hparams = meta.get("model", {})
+    return (f"labels {_labels_of(meta)}, {hparams.get('in_channels')} input channel(s), "
+            f"{hparams.get('out_channels')} output channel(s), task {meta.get('plan', {}).get('task')!r}")
+
+
+def check_models(metas: Sequence[tuple[Path, Mapping[str, Any]]], image_path: Path, image_channels: int) -> None:
+    """All checkpoints must share labels and channels, and fit the image's channel count.
+
+    A checkpoint of another task would otherwise predict (and even ensemble) silently wrong
+    classes; this check runs before any prediction and names both files.
+    """
+    first_path, first = metas[0]
+    for path, meta in metas:
+        hparams = meta.get("model", {})
+        labels = _labels_of(meta)
+        if int(hparams.get("out_channels", -1)) != len(labels):
+            raise ModelError(
+                f"{path}: {hparams.get('out_channels')} output channels but {len(labels)} labels "
+                f"{labels}; the checkpoint is inconsistent, retrain the fold."
+            )
+        same_labels = labels == _labels_of(first)
+        same_channels = all(
+            int(hparams.get(key, -1)) == int(first.get("model", {}).get(key, -2))
+            for key in ("in_channels", "out_channels")
+        )
+        if not (same_labels and same_channels):
+            raise ModelError(
+                f"{path} ({_describe(meta)}) does not match {first_path} ({_describe(first)}); "
+                "a fold ensemble needs models of one task: remove the foreign model.pt or retrain it."
+            )
+        if int(hparams.get("in_channels", -1)) != image_channels:
+            raise ModelError(
+                f"{path} expects {hparams.get('in_channels')} input channel(s) but {image_path} has "
+                f"{image_channels}; the model was trained on another task, use that task's images "
+                "or retrain."
+            )
+
+
+def tta_axes(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> bool | list[int]:
+    """Mirroring for test-time augmentation: only the axes the model was flipped along in training.
+
+    A model never shown a left-right flip (hippocampus: anterior/posterior keep their sides along
+    some axes) would be averaged with predictions it was not trained for. Older checkpoints
+    without ``mirror_axes`` mirror all axes.
+    """
+    if not infer.get("tta", False):
+        return False
+    axes = meta.get("mirror_axes")
+    if axes is None:
+        return True
+    return [int(a) for a in axes] or False
+
+
+def grid_settings(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """(patch size, overlap) for one model: config values, or the model's patch and half overlap.
+
+    The default overlap is half the patch rounded down to an even number (torchio's grid needs
+    even overlaps); a 2D patch (z = 1) gets no overlap in z.
+    """
+    from msdseg.inference import default_overlap
+
+    patch = [int(v) for v in (infer.get("patch_size") or meta["patch_size"])]
+    overlap = infer.get("overlap")
+    if overlap is None:
+        overlap = default_overlap(patch)
+    return patch, [int(v) for v in overlap]
+
+
+def _attempts(device: str, batch_size: int) -> list[tuple[str, int]]:
+    """The (device, batch size) tries after out-of-memory: as asked, half the batch, then CPU."""
+    tries = [(device, batch_size)]
+    if batch_size > 1:
+        tries.append((device, max(batch_size // 2, 1)))
+    if torch.device(device).type != "cpu":
+        tries.append(("cpu", tries[-1][1]))
+    return tries
+
+
+def predict_with_fallback(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: Sequence[int],
+    infer: Mapping[str, Any],
+    device: str,
+    name: str = "model",
+    tta: bool | Sequence[int] = False,
+) -> torch.Tensor:
+    """:func:`msdseg.inference.predict_probabilities`, retried on out-of-GPU-memory.
+
+    A shared GPU may be fuller than when the job was planned: a smaller batch, then the CPU,
+    finish the job slower instead of failing it.
+    """
+    from msdseg import inference
+
+    tries = _attempts(device, int(infer.get("batch_size", 1)))
+    for attempt, (where, batch_size) in enumerate(tries):
+        try:
+            model.to(where)
+            return inference.predict_probabilities(
+                model, image, patch_size, overlap, batch_size, where,
+                overlap_mode=infer.get("overlap_mode", "hann"), tta=tta,
+                amp=str(infer.get("precision", "auto")),
+            )
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if attempt + 1 == len(tries):
+                logger.error("%s: out of memory on %s with batch size %d, no fallback left", name, where, batch_size)
+                raise
+            next_where, next_batch = tries[attempt + 1]
+            logger.warning(
+                "%s: out of GPU memory on %s with batch size %d; retrying on %s with batch size %d",
+                name, where, batch_size, next_where, next_batch,
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _grid(path: Path) -> sitk.ImageFileReader:
+    """The header of ``path`` (its spatial grid; a 4D image's first 3 axes). No voxels are read:
+    resampling needs only the grid, not the (possibly int32, multi-channel) original voxels."""
+    try:
+        return read_image_header(path)
+    except OSError as error:
+        raise SubjectError(subject_id(path), str(path), f"{error}; re-extract or re-resample the task") from error
+
+
+def labels_in_reference_geometry(
+    probabilities: torch.Tensor, source: sitk.Image, reference: sitk.Image
+) -> np.ndarray:
+    """Argmax label map (uint8, (x, y, z)) on the reference grid from probabilities on ``source``.
+
+    Why probabilities and not labels: interpolating each class's probability linearly and taking
+    the argmax afterwards (nnU-Net's export) places boundaries between voxels of the coarse grid
+    where the classes are equally likely, so they are smooth and follow the network; resampling an
+    argmax label map with nearest neighbour instead copies the coarse grid's staircase onto the
+    fine grid and shifts boundaries by up to half a coarse voxel.
+
+    One class at a time with a running maximum (identical to a full argmax, first class wins ties)
+    keeps the memory at two reference-sized float32 volumes instead of n_classes.
+    """
+    from msdseg.resample import resample_to_reference
+
+    best: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    for channel in range(probabilities.shape[0]):
+        resampled = resample_to_reference(probabilities[channel : channel + 1], source, reference)
+        values = np.asarray(resampled[0], dtype=np.float32)
+        del resampled
+        if best is None:
+            best = values if values.flags.writeable else values.copy()
+            labels = np.zeros(best.shape, dtype=np.uint8)
+        else:
+            better = values > best
+            labels[better] = channel  # type: ignore[index]
+            np.maximum(best, values, out=best)
+            del better, values
+    assert labels is not None
+    return labels
+
+
+def write_labels(labels: np.ndarray, reference_path: Path, out_path: Path,
+                 reference: sitk.Image | sitk.ImageFileReader) -> None:
+    """Write a uint8 label map with the reference's header: same affine, shape and orientation.
+
+    NIfTI references are written with nibabel from the reference's own header (qform and sform
+    copied as they are), so every reader sees exactly the original affine; other formats go
+    through SimpleITK with the reference geometry.
+    """
+    if str(reference_path).endswith(_NIFTI_SUFFIXES) and str(out_path).endswith(_NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        original = nib.load(str(reference_path))
+        header = original.header.copy()
+        header.set_data_dtype(np.uint8)
+        image = nib.Nifti1Image(labels, original.affine, header)
+        image.set_qform(original.get_qform(), code=int(original.header["qform_code"]))
+        image.set_sform(original.get_sform(), code=int(original.header["sform_code"]))
+        image.header.set_slope_inter(1.0, 0.0)
+        image.header["cal_min"] = 0
+        image.header["cal_max"] = 0
+        image.header["descrip"] = b"msdseg prediction"
+        image.header["intent_code"] = 0
+        with atomic_path(out_path) as tmp:
+            nib.save(image, str(tmp))
+    else:
+        write_image(image_on_grid(labels, spatial_geometry(reference)), out_path)
+
+
+# --------------------------------------------------------------------------- subject
+
+
+def _read_image(image_path: Path) -> Any:
+    from msdseg.data import subjects_from_paths
+
+    subject = subjects_from_paths([{"subject": subject_id(image_path), "image": str(image_path)}])[0]
+    try:
+        subject.load()
+    except Exception as error:  # torchio/nibabel/ITK raise various types for broken files
+        raise SubjectError(subject_id(image_path), str(image_path),
+                           f"not a readable image ({error}); rerun the resample rule") from error
+    return subject
+
+
+def _check_spacing(meta: Mapping[str, Any], source: sitk.ImageFileReader, image_path: Path, model_path: Path) -> None:
+    """Warn when the image was not resampled to the model's plan (other preset, stale file)."""
+    plan = meta.get("plan") or {}
+    target = plan.get("target_spacing")
+    if target is None or plan.get("inplane_size"):
+        return
+    spacing = np.asarray(spatial_geometry(source).spacing, dtype=float)
+    if not np.allclose(spacing, np.asarray(target, dtype=float), rtol=1e-3, atol=1e-3):
+        logger.warning("%s has spacing %s but %s was trained at %s; check the resample step",
+                       image_path, spacing.tolist(), model_path, list(target))
+
+
+def predict_subject(
+    model_paths: Sequence[Path],
+    image_path: Path,
+    reference_path: Path,
+    out_path: Path,
+    infer: Mapping[str, Any],
+    device: str | None = None,
+    threads: int = 1,
+) -> None:
+    """Predict the resampled ``image_path`` and write labels on the grid of ``reference_path``.
+
+    ``infer`` is the config section (patch_size, overlap, overlap_mode, batch_size, tta); several
+    models average their probabilities (fold ensemble). The output is renamed into place only
+    when complete, so a killed job leaves nothing a rerun would accept.
+    """
+    if not model_paths:
+        raise ModelError(f"no model given to predict {image_path}; train at least one fold.")
+    torch.set_num_threads(max(int(threads), 1))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from msdseg.data import IMAGE, preprocessing
+    from msdseg.model import load_model
+
+    loaded = [(Path(path), *load_model(path, "cpu")) for path in model_paths]
+    subject = _read_image(Path(image_path))
+    check_models([(path, meta) for path, _, meta in loaded], Path(image_path), int(subject[IMAGE].data.shape[0]))
+    source = _grid(Path(image_path))
+    reference = _grid(Path(reference_path))
+
+    name = subject_id(image_path)
+    prepared: dict[str, torch.Tensor] = {}
+    summed: torch.Tensor | None = None
+    for path, model, meta in loaded:
+        _check_spacing(meta, source, Path(image_path), path)
+        plan_key = json.dumps(meta.get("plan") or {}, sort_keys=True)
+        if plan_key not in prepared:
+            transformed = preprocessing(meta.get("plan") or {})(subject)
+            prepared[plan_key] = transformed[IMAGE].data.to(torch.float32)
+            del transformed
+        patch, overlap = grid_settings(infer, meta)
+        logger.info("%s: %s, patch %s, overlap %s, %s, tta %s, device %s", name, path, patch, overlap,
+                    infer.get("overlap_mode", "hann"), tta_axes(infer, meta), device)
+        with torch.no_grad():
+            probabilities = predict_with_fallback(model, prepared[plan_key], patch, overlap, infer, device,
+                                                  str(path), tta=tta_axes(infer, meta))
+        model.to("cpu")
+        probabilities = probabilities.to(torch.float32)
+        if probabilities.is_inference():  # made under inference_mode: in-place sums need a normal tensor
+            probabilities = probabilities.clone()
+        if summed is None:
+            summed = probabilities
+        else:
+            summed += probabilities
+        del probabilities
+    del prepared, subject, loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    assert summed is not None
+    summed /= len(model_paths)
+
+    labels = labels_in_reference_geometry(summed, source, reference)
+    del summed
+    write_labels(labels, Path(reference_path), Path(out_path), reference)
+    logger.info("%s: wrote %s %s", name, out_path, labels.shape)
+
+
+# --------------------------------------------------------------------------- report helper
+
+
+def predicted_volumes(prediction_paths: Iterable[str | os.PathLike[str]], labels: Mapping[Any, str]) -> pd.DataFrame:
+    """Volume in mL of every foreground class per prediction (columns subject, label, class_name, volume_ml).
+
+    For the test list, which has no reference to score against: volumes at least show whether a
+    prediction is plausible (an empty or an exploded structure stands out).
+    """
+    rows = []
+    classes = sorted((int(k), str(v)) for k, v in labels.items() if int(k) != 0)
+    for path in prediction_paths:
+        data, _, spacing = read_label_volume(path)
+        for key, class_name in classes:
+            rows.append({"subject": subject_id(path), "label": key, "class_name": class_name,
+                         "volume_ml": volume_ml(data, key, spacing)})
+    frame = pd.DataFrame(rows, columns=["subject", "label", "class_name", "volume_ml"])
+    return frame.sort_values(["subject", "label"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,352 @@
+"""Patch-queue training of one fold: resumable, reproducible, on the GPU when there is one.
+
+Writes ``out_dir/model.pt`` (best validation weights + everything inference needs, see
+docs/design.md), ``out_dir/training_log.csv`` and, while running, ``out_dir/checkpoint.pt``.
+A checkpoint is resumed only when it was written for the same training config (hash); it is
+written atomically, so a run killed at any moment leaves the previous complete one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchio as tio
+from torch import nn
+from tqdm import tqdm
+
+from msdseg.config import ConfigError
+from msdseg.data import IMAGE, LABEL, make_loader, make_queue, mirror_axes, preprocessing, subjects_from_paths
+from msdseg.inference import autocast_dtype, default_overlap, predict_probabilities
+from msdseg.io import atomic_path
+from msdseg.metrics import dice_per_label
+from msdseg.model import UNet, save_model
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+LOG = "training_log.csv"
+# train.* keys that do not change what is learned: a checkpoint survives changes to them
+_NOT_HASHED = {"max_minutes", "threads", "mem_mb", "gpus", "folds", "checkpoint_every",
+               "validate_every", "num_workers", "devices"}
+
+
+def _say(message: str) -> None:
+    """A message for the job log: logging when configured (msdseg.logs.job_log), else stderr."""
+    if logger.hasHandlers() and logger.isEnabledFor(logging.INFO):
+        logger.info(message)
+    else:  # tqdm.write keeps the progress bar intact
+        tqdm.write(f"[msdseg.train] {message}", file=sys.stderr)
+
+
+class PolySchedule:
+    """Learning-rate factor per step: poly (nnU-Net, exponent 0.9), cosine or constant.
+
+    A callable object rather than a lambda so LambdaLR can store it in the checkpoint.
+    """
+
+    def __init__(self, kind: str, total: int) -> None:
+        self.kind = kind
+        self.total = max(int(total), 1)
+
+    def __call__(self, step: int) -> float:
+        progress = min(step, self.total) / self.total
+        if self.kind == "poly":
+            return (1.0 - progress) ** 0.9
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy and/or soft Dice over the foreground classes (batch Dice, as nnU-Net 3D).
+
+    ``logits`` (B, K, x, y, z), ``target`` (B, x, y, z) integer labels. Computed in float32.
+    """
+    logits = logits.float()
+    loss = logits.new_zeros(())
+    if kind in ("ce", "ce+dice"):
+        loss = loss + F.cross_entropy(logits, target, weight=class_weights)
+    if kind in ("dice", "ce+dice"):
+        probabilities = torch.softmax(logits, dim=1)
+        one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+        dims = (0, *range(2, logits.ndim))
+        intersection = (probabilities * one_hot).sum(dims)
+        denominator = probabilities.sum(dims) + one_hot.sum(dims)
+        dice = (2 * intersection + 1e-5) / (denominator + 1e-5)
+        loss = loss + (1.0 - dice[1:].mean())
+    return loss
+
+
+def config_hash(config: Mapping[str, Any], plan: Mapping[str, Any], fold: int,
+                train_ids: Sequence[str], val_ids: Sequence[str]) -> str:
+    """Identity of a training run: a checkpoint from another identity is not resumed."""
+    train_cfg = {k: v for k, v in config["train"].items() if k not in _NOT_HASHED}
+    identity = {"model": config["model"], "train": train_cfg, "seed": config["seed"], "plan": plan,
+                "fold": fold, "train_subjects": list(train_ids), "val_subjects": list(val_ids)}
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random. Queue workers are seeded by torch's DataLoader from torch's RNG."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and primitives (checkpoints load with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _infinite(loader: Any) -> Iterator[Any]:
+    """Batches forever: the queue's epoch ends after n_subjects * samples_per_volume patches."""
+    while True:
+        yield from loader
+
+
+def _label_names(plan: Mapping[str, Any]) -> dict[int, str]:
+    """Foreground labels -> names usable as CSV column suffixes (dataset.json names)."""
+    return {int(k): "_".join(str(v).split()) for k, v in sorted(plan["labels"].items(), key=lambda i: int(i[0]))
+            if int(k) > 0}
+
+
+def validate(model: nn.Module, subjects: Sequence[tio.Subject], plan: Mapping[str, Any],
+             config: Mapping[str, Any], device: torch.device) -> dict[int, float]:
+    """Mean Dice per foreground label over whole validation volumes (NaN when never present)."""
+    patch = config["infer"].get("patch_size") or config["train"]["patch_size"]
+    overlap = config["infer"].get("overlap") or default_overlap(patch)
+    transform = preprocessing(plan)
+    labels = list(_label_names(plan))
+    scores: dict[int, list[float]] = {label: [] for label in labels}
+    for subject in subjects:
+        prepared = transform(subject)
+        probabilities = predict_probabilities(
+            model, prepared[IMAGE].data, patch, overlap, batch_size=config["infer"]["batch_size"],
+            device=device, overlap_mode=config["infer"]["overlap_mode"], tta=False,
+            amp=config["train"]["precision"])
+        prediction = probabilities.argmax(0).numpy()
+        reference = prepared[LABEL].data[0].numpy()
+        for label, value in dice_per_label(prediction, reference, labels).items():
+            scores[label].append(value)
+    return {label: float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+            for label, values in scores.items()}
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} requested but CUDA is not available; use device 'cpu' or None.")
+    return device
+
+
+def _load_checkpoint(path: Path, expected_hash: str) -> dict[str, Any] | None:
+    """The checkpoint if it belongs to this run, else None (and say why)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint means: start over
+        _say(f"{path}: unreadable checkpoint ({type(error).__name__}); starting over.")
+        return None
+    if not isinstance(state, dict) or state.get("config_hash") != expected_hash:
+        found = state.get("config_hash") if isinstance(state, dict) else None
+        _say(f"{path}: checkpoint was written for another training config (hash {found}, now "
+             f"{expected_hash}); starting over from iteration 0.")
+        return None
+    return state
+
+
+def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Mapping[str, Any]],
+          plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path, fold: int,
+          threads: int = 1, device: str | None = None) -> Path:
+    """Train one fold and return the path of model.pt (see module docstring)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cfg_train, cfg_model = config["train"], config["model"]
+    dev = _resolve_device(device)
+    torch.set_num_threads(max(int(threads), 1))
+    deterministic = bool(cfg_train["deterministic"])
+    if dev.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        # benchmark picks the fastest kernels, but not reproducibly: only when determinism is off
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    # a few CUDA kernels (e.g. weighted NLL) have no deterministic version: warn there, never fail
+    torch.use_deterministic_algorithms(deterministic, warn_only=dev.type == "cuda")
+    seed = int(config["seed"]) + int(fold)
+    seed_everything(seed)
+
+    names = _label_names(plan)
+    n_classes = len(plan["labels"])
+    weights = cfg_train.get("class_weights")
+    if weights is not None and len(weights) != n_classes:
+        raise ConfigError(f"config key 'train.class_weights': {len(weights)} weights for {n_classes} "
+                          f"labels {plan['labels']}; give one weight per label.")
+    class_weights = torch.tensor(weights, dtype=torch.float32, device=dev) if weights is not None else None
+
+    train_tio = subjects_from_paths(train_subjects)
+    val_tio = subjects_from_paths(val_subjects)
+    if not train_tio:
+        raise ConfigError(f"fold {fold}: no training subjects; check manifest.n_folds and the manifest.")
+    identity = config_hash(config, plan, fold, [s["subject"] for s in train_tio], [s["subject"] for s in val_tio])
+
+    model = UNet(cfg_model["spatial_dims"], int(plan.get("n_channels", 1)), n_classes,
+                 cfg_model["base_channels"], cfg_model["depth"], cfg_model["norm"], cfg_model["dropout"]).to(dev)
+    optimizer_class = torch.optim.AdamW if cfg_train["optimizer"] == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=cfg_train["learning_rate"],
+                                weight_decay=cfg_train["weight_decay"])
+    total = int(cfg_train["iterations"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolySchedule(cfg_train["schedule"], total))
+    amp_dtype = autocast_dtype(cfg_train["precision"], dev)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    iteration, elapsed_before, rows = 0, 0.0, []
+    best: dict[str, Any] = {"score": -math.inf, "dice": {}, "iteration": 0, "state_dict": None}
+    checkpoint_path = out_dir / CHECKPOINT
+    state = _load_checkpoint(checkpoint_path, identity)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        iteration, elapsed_before, rows = int(state["iteration"]), float(state["elapsed_s"]), list(state["log"])
+        best = dict(state["best"])
+        _say(f"resuming fold {fold} from {checkpoint_path} at iteration {iteration}")
+
+    def save_checkpoint() -> None:
+        content = {"config_hash": identity, "iteration": iteration, "elapsed_s": elapsed(),
+                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                   "rng": _rng_state(), "log": rows, "best": best}
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save(content, tmp)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def run_validation() -> dict[int, float]:
+        dice = validate(model, val_tio, plan, config, dev)
+        valid = [v for v in dice.values() if not math.isnan(v)]
+        score = float(np.mean(valid)) if valid else -math.inf
+        if best["state_dict"] is None or score > best["score"]:
+            best.update(score=score, dice={names[k]: v for k, v in dice.items()}, iteration=iteration,
+                        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        return dice
+
+    budget_s = float(cfg_train["max_minutes"]) * 60.0
+    batch_size = int(cfg_train["batch_size"])
+    validation_s = 0.0
+    last_validated = rows[-1]["iteration"] if rows and _validated(rows[-1], names) else -1
+    model.train()
+    if iteration < total and elapsed() < budget_s:
+        queue = make_queue(train_tio, plan, config)
+        batches = _infinite(make_loader(queue, batch_size, pin_memory=dev.type == "cuda"))
+        bar = tqdm(total=total, initial=iteration, desc=f"fold {fold}", unit="it", mininterval=1.0,
+                   dynamic_ncols=True)
+        last_dice = "-"
+        while iteration < total and elapsed() + validation_s < budget_s:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            x = batch[IMAGE][tio.DATA].to(dev, non_blocking=True)
+            y = batch[LABEL][tio.DATA][:, 0].to(dev, non_blocking=True).long()
+            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss = segmentation_loss(logits, y, cfg_train["loss"], class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg_train["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg_train["grad_clip"])
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_value = float(loss.item())  # synchronises, so the step time below is real
+            step_s = time.perf_counter() - t0
+            iteration += 1
+            row: dict[str, Any] = {"iteration": iteration, "loss": loss_value, "lr": lr}
+            row.update({f"val_dice_{name}": None for name in names.values()})
+            row.update({"patches_per_s": batch_size / step_s, "seconds_per_step": step_s, "data_wait_s": t1 - t0})
+            if val_tio and (iteration % cfg_train["validate_every"] == 0 or iteration == total):
+                t_val = time.perf_counter()
+                dice = run_validation()
+                model.train()
+                validation_s = time.perf_counter() - t_val
+                last_validated = iteration
+                row.update({f"val_dice_{names[k]}": v for k, v in dice.items()})
+                last_dice = " ".join(f"{v:.3f}" for v in dice.values())
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", dice=last_dice, refresh=False)
+            if iteration % cfg_train["checkpoint_every"] == 0:
+                save_checkpoint()
+        bar.close()
+        if iteration < total:
+            _say(f"stopping at iteration {iteration} of {total}: train.max_minutes "
+                 f"({cfg_train['max_minutes']}) reached after {elapsed():.0f} s")
+
+    if val_tio and last_validated != iteration and rows:
+        dice = run_validation()
+        rows[-1].update({f"val_dice_{names[k]}": v for k, v in dice.items()})
+    if best["state_dict"] is None:  # no validation subjects: the last weights are the result
+        best.update(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, iteration=iteration)
+    model.load_state_dict(best["state_dict"])
+
+    meta = {"labels": dict(plan["labels"]), "plan": copy.deepcopy(dict(plan)),
+            "patch_size": [int(p) for p in cfg_train["patch_size"]], "fold": int(fold), "seed": seed,
+            "config": copy.deepcopy(dict(config)), "iterations": iteration,
+            "best_iteration": int(best["iteration"]), "best_val_dice": dict(best["dice"]),
+            "config_hash": identity, "mirror_axes": list(mirror_axes(config))}
+    model_path = out_dir / MODEL
+    save_model(model_path, model, meta)
+    columns = ["iteration", "loss", "lr", *(f"val_dice_{n}" for n in names.values()),
+               "patches_per_s", "seconds_per_step", "data_wait_s"]
+    with atomic_path(out_dir / LOG) as tmp:
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+    checkpoint_path.unlink(missing_ok=True)
+    _say(f"fold {fold}: {iteration} iterations in {elapsed():.0f} s; best iteration {best['iteration']} "
+         f"val Dice {best['dice']}; wrote {model_path}")
+    return model_path
+
+
+def _validated(row: Mapping[str, Any], names: Mapping[int, str]) -> bool:
+    return any(row.get(f"val_dice_{n}") is not None for n in names.values())
