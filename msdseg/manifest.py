@@ -40,7 +40,7 @@ STAT_COLUMNS = (
 EXCLUDED_COLUMNS = ["subject", "role", "file", "reason"]
 
 _SKIP_HINT = "or set manifest.on_invalid: skip to drop the subject and list it in excluded.csv"
-_SLAB_VOXELS = 8_000_000  # voxels scanned at once: bounds the temporaries of a large CT
+_SLAB_VOXELS = 4_000_000  # voxels scanned at once: bounds the temporaries of a large CT
 _MAX_LISTED = 20  # label values shown in a message
 
 
@@ -193,8 +193,11 @@ class _Moments:
         n = int(values.size)
         if n == 0:
             return
-        mean = float(np.mean(values, dtype=np.float64))
-        m2 = float(np.sum(np.square(values.astype(np.float64, copy=False) - mean)))
+        centred = values.astype(np.float64).reshape(-1)  # one float64 copy of the slab, then in place
+        mean = float(centred.mean())
+        centred -= mean
+        m2 = float(np.square(centred, out=centred).sum())  # pairwise sum: same bits on any machine
+        del centred
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total

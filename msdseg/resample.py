@@ -4,8 +4,9 @@ Grids: an output grid covers the same physical box as its input (the box of voxe
 centre +- spacing/2), with the same direction. Its size is ``round(old_size * old_spacing /
 new_spacing)`` and it is centred on the input box, so after rounding each face is off by at most
 a quarter of a new voxel. The first voxel centre (the NIfTI/ITK "origin") therefore moves by
-about ``(new_spacing - old_spacing) / 2`` along each axis, as in torchio's Resample and
-nnU-Net: keeping the origin voxel centre fixed instead would shift the whole volume by that much.
+about ``(new_spacing - old_spacing) / 2`` along each axis, as in torchio's Resample (which
+centres the same way but floors the size): keeping the origin voxel centre fixed instead would
+shift the whole volume by that much. There is no anti-aliasing filter before downsampling.
 """
 
 from __future__ import annotations

@@ -241,8 +241,13 @@ def test_four_dimensional_image_counts_channels(hippocampus_dir: Path, tmp_path:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj).astype(np.int16)
         nib.save(nib.Nifti1Image(np.stack([data, data * 2], axis=-1), image.affine), str(path))
+        # float label maps (0.0, 1.0, 2.0), as some archives store them, are valid too
+        label_path = _paths(task, subject)["label"]
+        label = nib.load(str(label_path))
+        nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.float32), label.affine), str(label_path))
     manifest, _ = build_manifest(read_dataset_json(task), n_folds=2, seed=0)
     assert (manifest.n_channels == 2).all()
+    assert (manifest.voxels_1 > 0).all() and (manifest.voxels_2 > 0).all()
     first = manifest.iloc[0]
     assert len(first["shape"]) == 3 and len(first.spacing) == 3 and len(first.origin) == 3
     assert len(first.direction) == 9

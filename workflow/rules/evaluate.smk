@@ -33,7 +33,7 @@ rule summarize:
         overlays=report(result("plots/overlays.png"), caption="../report/overlays.rst", category="Evaluation"),
     params:
         folds=FOLDS,
-        prediction_pattern=result("fold{fold}/predictions/{subject}.nii.gz"),
+        prediction_pattern=lambda wildcards: result("fold{fold}/predictions/{subject}.nii.gz"),
     log:
         log_path("summarize"),
     conda:
