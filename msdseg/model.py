@@ -137,8 +137,9 @@ def library_versions() -> dict[str, str]:
 
     import msdseg
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchio": torchio.__version__, "numpy": numpy.__version__, "msdseg": msdseg.__version__}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchio": str(torchio.__version__), "numpy": str(numpy.__version__), "msdseg": str(msdseg.__version__)}
 
 
 def git_commit() -> str | None:
@@ -160,6 +161,11 @@ def save_model(path: str | Path, model: UNet, meta: Mapping[str, Any]) -> None:
     content.setdefault("git_commit", git_commit())
     with atomic_path(path) as tmp:
         torch.save(content, tmp)
+        try:  # the contract: readable with weights_only=True, so check before it becomes model.pt
+            torch.load(tmp, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ModelError(f"{path}: model meta holds a non-primitive object ({error}); "
+                             "store only tensors, numbers, strings, lists and dicts.") from error
 
 
 def _unwrap(model: nn.Module) -> UNet:

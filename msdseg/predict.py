@@ -80,9 +80,9 @@ def check_models(metas: Sequence[tuple[Path, Mapping[str, Any]]], image_path: Pa
 def tta_axes(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> bool | list[int]:
     """Mirroring for test-time augmentation: only the axes the model was flipped along in training.
 
-    A model never shown a left-right flip (hippocampus: anterior/posterior keep their sides along
-    some axes) would be averaged with predictions it was not trained for. Older checkpoints
-    without ``mirror_axes`` mirror all axes.
+    Mirroring along an axis the model never saw flipped (hippocampus: anterior and posterior lie
+    along one axis, so only left-right is flipped in training) would average in predictions of
+    an anatomy the model does not know. Checkpoints without ``mirror_axes`` mirror all axes.
     """
     if not infer.get("tta", False):
         return False
@@ -96,15 +96,25 @@ def grid_settings(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[li
     """(patch size, overlap) for one model: config values, or the model's patch and half overlap.
 
     The default overlap is half the patch rounded down to an even number (torchio's grid needs
-    even overlaps); a 2D patch (z = 1) gets no overlap in z.
+    even overlaps); an axis of patch size 1 (z of a 2D model) gets no overlap. A configured
+    overlap is checked against the patch actually used, which may be the model's own.
     """
+    from msdseg.config import ConfigError
     from msdseg.inference import default_overlap
 
     patch = [int(v) for v in (infer.get("patch_size") or meta["patch_size"])]
     overlap = infer.get("overlap")
     if overlap is None:
         overlap = default_overlap(patch)
-    return patch, [int(v) for v in overlap]
+    overlap = [0 if size == 1 else int(lap) for size, lap in zip(patch, overlap)]
+    for axis, (size, lap) in enumerate(zip(patch, overlap)):
+        if lap >= size or lap % 2:
+            raise ConfigError(
+                f"config key 'infer.overlap': {list(overlap)} does not fit the patch {patch} on axis {axis} "
+                "(each overlap must be even and smaller than the patch); set infer.overlap to null "
+                "(half the patch) or choose a smaller one."
+            )
+    return patch, overlap
 
 
 def _attempts(device: str, batch_size: int) -> list[tuple[str, int]]:

@@ -54,23 +54,43 @@ def _say(message: str) -> None:
         tqdm.write(f"[msdseg.train] {message}", file=sys.stderr)
 
 
-class PolySchedule:
-    """Learning-rate factor per step: poly (nnU-Net, exponent 0.9), cosine or constant.
+class Schedule:
+    """Learning rate over training progress: poly (nnU-Net, exponent 0.9), cosine or constant.
 
-    A callable object rather than a lambda so LambdaLR can store it in the checkpoint.
+    Progress is the larger of iterations done / ``train.iterations`` and time spent /
+    ``train.max_minutes``, so the rate anneals to zero at whichever limit comes first: a run cut
+    by its time budget still ends on a small learning rate. While the iteration limit leads (the
+    usual case), the schedule depends on iterations only and runs are reproducible.
+    Hand-written because torch's schedulers count steps only.
     """
 
-    def __init__(self, kind: str, total: int) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str) -> None:
+        self.optimizer = optimizer
         self.kind = kind
-        self.total = max(int(total), 1)
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.progress = 0.0
 
-    def __call__(self, step: int) -> float:
-        progress = min(step, self.total) / self.total
+    def factor(self, progress: float) -> float:
+        progress = min(max(progress, 0.0), 1.0)
         if self.kind == "poly":
             return (1.0 - progress) ** 0.9
         if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
+
+    def step(self, progress: float) -> float:
+        """Set the learning rate for the next step and return it (progress never goes back)."""
+        self.progress = max(self.progress, float(progress))
+        factor = self.factor(self.progress)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        return self.base_lrs[0] * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "base_lrs": list(self.base_lrs), "progress": self.progress}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.kind, self.base_lrs, self.progress = state["kind"], list(state["base_lrs"]), float(state["progress"])
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
@@ -233,7 +253,7 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
     optimizer = optimizer_class(model.parameters(), lr=cfg_train["learning_rate"],
                                 weight_decay=cfg_train["weight_decay"])
     total = int(cfg_train["iterations"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolySchedule(cfg_train["schedule"], total))
+    scheduler = Schedule(optimizer, cfg_train["schedule"])
     amp_dtype = autocast_dtype(cfg_train["precision"], dev)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -286,6 +306,7 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
+            lr = scheduler.step(max(iteration / total, elapsed() / budget_s))
             x = batch[IMAGE][tio.DATA].to(dev, non_blocking=True)
             y = batch[LABEL][tio.DATA][:, 0].to(dev, non_blocking=True).long()
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -296,10 +317,8 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
             if cfg_train["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg_train["grad_clip"])
-            lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             loss_value = float(loss.item())  # synchronises, so the step time below is real
             step_s = time.perf_counter() - t0
             iteration += 1

@@ -102,7 +102,8 @@ def _pid_alive(pid: int) -> bool:
 class SlurmCluster:
     """A single-node SLURM cluster rooted at ``root`` (created; must be short: socket paths).
 
-    ``mem_mb``: memory the node offers (default: detected minus ``headroom_mb``);
+    ``mem_mb``: memory the node offers (default: detected minus ``headroom_mb``, at least
+    ``min_mem_mb``: memory is not enforced without cgroups, only counted by the scheduler);
     ``cpus``: CPUs the node offers (default: detected; fewer than detected is allowed);
     ``gpus``: count-only GPUs announced by the node (0 disables the GRES).
     """
@@ -113,6 +114,7 @@ class SlurmCluster:
         *,
         mem_mb: int | None = None,
         headroom_mb: int = 2048,
+        min_mem_mb: int = 16000,
         cpus: int | None = None,
         gpus: int = 1,
         min_job_age: int = 600,
@@ -120,6 +122,7 @@ class SlurmCluster:
         self.root = Path(root).resolve()
         self.mem_mb = mem_mb
         self.headroom_mb = headroom_mb
+        self.min_mem_mb = min_mem_mb
         self.cpus = cpus
         self.gpus = gpus
         self.min_job_age = min_job_age
@@ -174,8 +177,10 @@ class SlurmCluster:
             )
         else:
             topology = f"CPUs={cpus}"
-        mem = self.mem_mb or max(512, hw["RealMemory"] - self.headroom_mb)
-        mem = min(mem, hw["RealMemory"])
+        # Memory is bookkeeping only here (no cgroups enforce it), and rules ask for a few GB
+        # each: offer at least min_mem_mb even on a small machine (config_overrides below
+        # lets slurmd accept a figure above the detected one).
+        mem = self.mem_mb or max(self.min_mem_mb, hw["RealMemory"] - self.headroom_mb)
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         user = getpass.getuser()
         r = self.root
@@ -198,7 +203,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd.log",
             "SlurmctldDebug=info",
-            "SlurmdDebug=debug2",
+            "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -210,6 +215,7 @@ class SlurmCluster:
             "SchedulerType=sched/backfill",
             "MpiDefault=none",
             "ReturnToService=2",
+            "SlurmdParameters=config_overrides",
             f"MinJobAge={self.min_job_age}",
             "KillWait=5",
             "InactiveLimit=0",
@@ -399,6 +405,18 @@ class SlurmCluster:
             if fields:
                 jobs.append(fields)
         return jobs
+
+    def jobs(self, name: str | None = None) -> list[dict[str, str]]:
+        """Jobs slurmctld still knows (finished ones for MinJobAge seconds), from
+        ``scontrol -o show job``: one dict per job (JobId, JobName, JobState, Partition,
+        Comment, TresPerJob, NumCPUs, MinMemoryNode, TimeLimit, ExitCode...)."""
+        out = self.run("scontrol", "-o", "show", "job", check=False)
+        jobs = []
+        for line in out.splitlines():
+            fields = dict(re.findall(r"(\w+)=(\S*)", line))
+            if "JobId" in fields and (name is None or fields.get("JobName") == name):
+                jobs.append(fields)
+        return sorted(jobs, key=lambda job: int(job["JobId"]))
 
     def logs_tail(self, lines: int = 15) -> str:
         parts = []

@@ -147,3 +147,23 @@ def test_evaluate_subject_rejects_other_geometry(tmp_path):
     other_shape = _save(tmp_path / "pred2.nii.gz", data[:9], np.eye(4))
     with pytest.raises(SubjectError, match="shape.*ref.nii.gz"):
         evaluate_subject(other_shape, ref_path, {0: "bg", 1: "fg"})
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_matches_monai_when_installed():
+    """Same numbers as MONAI's compute_hausdorff_distance / compute_surface_dice (benchmark installs it)."""
+    monai_metrics = pytest.importorskip("monai.metrics")
+    import torch
+
+    rng = np.random.default_rng(1)
+    ref = ndimage.binary_dilation(rng.random((18, 16, 14)) > 0.97, iterations=2).astype(np.int64)
+    pred = ndimage.binary_dilation(rng.random((18, 16, 14)) > 0.97, iterations=2).astype(np.int64)
+    spacing = (0.8, 1.2, 2.0)
+
+    def onehot(a):
+        return torch.nn.functional.one_hot(torch.as_tensor(a), 2).permute(3, 0, 1, 2)[None]
+
+    hd = monai_metrics.compute_hausdorff_distance(onehot(pred), onehot(ref), percentile=95, spacing=spacing)
+    nsd = monai_metrics.compute_surface_dice(onehot(pred), onehot(ref), [1.5], spacing=spacing)
+    assert hausdorff95(pred, ref, 1, spacing) == pytest.approx(float(hd[0, 0]), rel=1e-5)
+    assert normalized_surface_dice(pred, ref, 1, spacing, 1.5) == pytest.approx(float(nsd[0, 0]), rel=1e-5)

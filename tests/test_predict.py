@@ -13,6 +13,7 @@ import torch
 
 from msdseg import inference
 from msdseg.data import preprocessing
+from msdseg.config import ConfigError
 from msdseg.errors import ModelError
 from msdseg.model import UNet, save_model
 from msdseg.predict import _attempts, grid_settings, predict_subject, predicted_volumes, tta_axes
@@ -107,6 +108,9 @@ def test_2d_model(hippo, models, resampled, tmp_path):
     reference = hippo / "imagesTr" / "hippocampus_001.nii.gz"
     out = tmp_path / "hippocampus_001.nii.gz"
     assert grid_settings(INFER, {"patch_size": [24, 24, 1]}) == ([24, 24, 1], [12, 12, 0])
+    assert grid_settings({**INFER, "overlap": [8, 8, 8]}, {"patch_size": [24, 24, 1]}) == ([24, 24, 1], [8, 8, 0])
+    with pytest.raises(ConfigError, match="infer.overlap"):
+        grid_settings({**INFER, "overlap": [24, 8, 0]}, {"patch_size": [24, 24, 1]})
     predict_subject([models["2d"]], resampled, reference, out, INFER)
     assert set(np.unique(_assert_same_geometry(out, reference))) <= {0, 1, 2}
 
