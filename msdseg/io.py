@@ -7,6 +7,7 @@ returns (z, y, x), so every conversion goes through :func:`to_xyz` / :func:`imag
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -36,9 +37,25 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
+        disk_full = _nearly_full(final.parent)
         tmp.unlink(missing_ok=True)
+        if disk_full and not isinstance(error, KeyboardInterrupt):
+            # writers report a full disk in their own words (torch: "iostream error"); say it plainly
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing {final}: free space on {final.parent} and "
+                "run again (the previous version of the file, if any, is intact)",
+            ) from error
         raise
+
+
+def _nearly_full(folder: Path, margin_bytes: int = 1 << 20) -> bool:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < margin_bytes
 
 
 def write_csv(table: "pd.DataFrame", path: str | os.PathLike[str]) -> None:

@@ -57,10 +57,10 @@ def _say(message: str) -> None:
 class Schedule:
     """Learning rate over training progress: poly (nnU-Net, exponent 0.9), cosine or constant.
 
-    Progress is the larger of iterations done / ``train.iterations`` and time spent /
-    ``train.max_minutes``, so the rate anneals to zero at whichever limit comes first: a run cut
-    by its time budget still ends on a small learning rate. While the iteration limit leads (the
-    usual case), the schedule depends on iterations only and runs are reproducible.
+    Progress is iterations done / ``train.iterations``, or time spent / ``train.max_minutes``
+    when the pace projects past the time budget (see :func:`_progress`), so the rate anneals to
+    zero at whichever limit comes first: a run cut by its time budget still ends on a small
+    learning rate, and a run that fits its budget is reproducible.
     Hand-written because torch's schedulers count steps only.
     """
 
@@ -306,7 +306,7 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
-            lr = scheduler.step(max(iteration / total, elapsed() / budget_s))
+            lr = scheduler.step(_progress(iteration, total, elapsed(), budget_s - validation_s))
             x = batch[IMAGE][tio.DATA].to(dev, non_blocking=True)
             y = batch[LABEL][tio.DATA][:, 0].to(dev, non_blocking=True).long()
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -365,6 +365,19 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
     _say(f"fold {fold}: {iteration} iterations in {elapsed():.0f} s; best iteration {best['iteration']} "
          f"val Dice {best['dice']}; wrote {model_path}")
     return model_path
+
+
+def _progress(iteration: int, total: int, elapsed_s: float, budget_s: float) -> float:
+    """Training progress for the schedule: by iterations, unless the time budget will bind first.
+
+    Time counts only once the pace so far projects past the budget, so runs that fit their
+    budget follow the iteration count alone (reproducible logs).
+    """
+    progress = iteration / total
+    budget_s = max(budget_s, 1e-9)
+    if iteration > 0 and elapsed_s / iteration * total > budget_s:
+        progress = max(progress, elapsed_s / budget_s)
+    return progress
 
 
 def _validated(row: Mapping[str, Any], names: Mapping[int, str]) -> bool:

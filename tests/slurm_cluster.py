@@ -25,9 +25,9 @@ Use it from Python::
     with SlurmCluster(tmp_path / "slurm") as cluster:
         subprocess.run(["sbatch", "--wrap", "hostname"], env=cluster.env)
 
-or from a shell (prints ``export SLURM_CONF=...``)::
+or from a shell (it prints ``export SLURM_CONF=... PATH=...``)::
 
-    python tests/slurm_cluster.py start /tmp/slurm
+    eval "$(python tests/slurm_cluster.py start /tmp/slurm)"   # sets SLURM_CONF and PATH
     python tests/slurm_cluster.py stop /tmp/slurm
 """
 
@@ -435,7 +435,7 @@ def main(argv: list[str]) -> int:
     cluster = SlurmCluster(argv[2])
     if argv[1] == "start":
         cluster.start()
-        print(f"export SLURM_CONF={cluster.conf}")
+        print(f"export SLURM_CONF='{cluster.conf}' PATH='{cluster.root / 'bin'}':\"$PATH\"")
         print(f"# stop with: python {argv[0]} stop {cluster.root}", file=sys.stderr)
     else:
         cluster.stop()

@@ -205,3 +205,24 @@ def test_real_ct_oblique_origin_kept(tmp_path):
     out = tmp_path / "liverct_001.nii.gz"
     predict_subject([model], resampled, reference, out, {**INFER, "batch_size": 4})
     assert set(np.unique(_assert_same_geometry(out, reference))) <= {0, 1, 2}
+
+
+def test_multichannel_4d_reference(tmp_path):
+    """A 4D (x, y, z, 2) original like BrainTumour/Prostate: the prediction is 3D on its grid."""
+    rng = np.random.default_rng(0)
+    affine = np.array([[0.0, -0.9, 0.0, 40.0], [0.0, 0.0, 3.0, -20.0], [-0.9, 0.0, 0.0, 12.0], [0, 0, 0, 1]])
+    original = tmp_path / "prostate_01.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(size=(22, 18, 10, 2)).astype(np.float32), affine), str(original))
+    labels = {0: "background", 1: "PZ", 2: "TZ"}
+    plan = {**_plan("Task05_Prostate", labels, [1.2, 1.2, 3.0]), "n_channels": 2}
+    resampled = tmp_path / "resampled.nii.gz"
+    resample_subject(original, resampled, plan)
+    torch.manual_seed(0)
+    model_path = tmp_path / "model.pt"
+    save_model(model_path, UNet(3, 2, 3, base_channels=4, depth=2),
+               {"labels": {str(k): v for k, v in labels.items()}, "plan": plan, "patch_size": [16, 16, 8],
+                "versions": {"torch": str(torch.__version__)}})
+    out = tmp_path / "pred" / "prostate_01.nii.gz"
+    predict_subject([model_path], resampled, original, out, INFER)
+    assert set(np.unique(_assert_same_geometry(out, original))) <= {0, 1, 2}
+    assert nib.load(str(out)).ndim == 3

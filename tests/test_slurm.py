@@ -37,7 +37,7 @@ STANDARD_RESOURCES = {
 # what this test cluster needs beyond the profile (see the module docstring)
 CLUSTER_OPTIONS = (
     "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "1",
+    "--slurm-init-seconds-before-status-checks", "5",
     "--slurm-keep-successful-logs",
 )
 TASK = "Task00_SyntheticLiver"
@@ -170,15 +170,20 @@ def _rules_run_in_slurm(workdir: Path) -> Counter:
     """Snakemake jobs per rule that ran inside SLURM jobs, from the SLURM job logs."""
     counts: Counter = Counter()
     for log in (workdir / ".snakemake" / "slurm_logs").rglob("*.log"):
-        counts.update(re.findall(r"^\s*rule (\w+):$", log.read_text(), re.M))
+        counts.update(re.findall(r"^\s*(?:rule|checkpoint) (\w+):$", log.read_text(), re.M))
     return counts
 
 
 def _partitions_are_right(jobs: list[dict[str, str]]) -> None:
+    """GPU jobs (train, infer_* and the `infer` group) in `gpu` with one GPU, the rest in `cpu`.
+
+    The plugin comments a job `rule_<rule>[_wildcards_...]`, a group job `rule_<group>_<rules>`.
+    """
+    seen = [(job["JobId"], job["Comment"], job["Partition"], job.get("TresPerJob")) for job in jobs]
     for job in jobs:
-        gpu_job = any(rule in job["Comment"] for rule in GPU_RULES)
-        assert job["Partition"] == ("gpu" if gpu_job else "cpu"), job
-        assert ("gpu:1" in job.get("TresPerJob", "")) == gpu_job, job
+        gpu_job = re.match(r"rule_(train|infer)(_|$)", job["Comment"]) is not None
+        assert job["Partition"] == ("gpu" if gpu_job else "cpu"), seen
+        assert ("gpu:1" in job.get("TresPerJob", "")) == gpu_job, seen
 
 
 @pytest.mark.slurm

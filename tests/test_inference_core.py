@@ -1,0 +1,78 @@
+"""msdseg.inference.predict_probabilities: grid sampling/aggregation, padding, 2D models, TTA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msdseg.inference import default_overlap, predict_probabilities
+from msdseg.model import UNet
+
+torch.set_num_threads(1)
+
+
+def _model(spatial_dims: int = 3, classes: int = 3) -> UNet:
+    torch.manual_seed(0)
+    return UNet(spatial_dims, 1, classes, base_channels=4, depth=2).eval()
+
+
+@pytest.mark.parametrize("mode", ["hann", "average", "crop"])
+def test_shape_of_input_and_probabilities_sum_to_one(mode: str) -> None:
+    image = torch.randn(1, 37, 45, 29)  # not a multiple of the patch on any axis
+    probabilities = predict_probabilities(_model(), image, (24, 24, 16), None, batch_size=3, overlap_mode=mode)
+    assert probabilities.shape == (3, 37, 45, 29)
+    assert probabilities.dtype == torch.float32 and probabilities.device.type == "cpu"
+    torch.testing.assert_close(probabilities.sum(0), torch.ones(37, 45, 29))
+    assert probabilities.min() >= 0
+
+
+def test_volume_smaller_than_patch_is_padded_and_cropped_back() -> None:
+    image = torch.randn(1, 10, 12, 9)
+    probabilities = predict_probabilities(_model(), image, (16, 16, 16), (8, 8, 8), batch_size=2)
+    assert probabilities.shape == (3, 10, 12, 9)
+    torch.testing.assert_close(probabilities.sum(0), torch.ones(10, 12, 9))
+
+
+def test_one_patch_equals_a_plain_forward_pass() -> None:
+    model = _model()
+    image = torch.randn(1, 16, 20, 12)
+    with torch.no_grad():
+        direct = torch.softmax(model(image[None]), dim=1)[0]
+    torch.testing.assert_close(predict_probabilities(model, image, (16, 20, 12), None), direct)
+
+
+def test_2d_model_assembles_slices() -> None:
+    model = _model(spatial_dims=2)
+    image = torch.randn(1, 30, 26, 7)
+    probabilities = predict_probabilities(model, image, (30, 26, 1), None, batch_size=4)
+    with torch.no_grad():
+        direct = torch.softmax(model(image[None]), dim=1)[0]  # the 2D net segments every slice
+    assert probabilities.shape == (3, 30, 26, 7)
+    torch.testing.assert_close(probabilities, direct)
+    tiled = predict_probabilities(model, image, (16, 16, 1), (8, 8, 0), batch_size=4)
+    assert tiled.shape == (3, 30, 26, 7)
+    torch.testing.assert_close(tiled.sum(0), torch.ones(30, 26, 7))
+
+
+def test_tta_mirrors_and_undoes_the_mirroring() -> None:
+    model = _model()
+    image = torch.randn(1, 16, 20, 12)
+    with torch.no_grad():
+        plain = torch.softmax(model(image[None]), dim=1)[0]
+        flipped = torch.softmax(model(image[None].flip(2)), dim=1)[0].flip(1)
+    only_x = predict_probabilities(model, image, (16, 20, 12), None, tta=[0])
+    torch.testing.assert_close(only_x, (plain + flipped) / 2)
+    every_axis = predict_probabilities(model, image, (16, 20, 12), None, tta=True)
+    torch.testing.assert_close(every_axis.sum(0), torch.ones(16, 20, 12))
+    assert not torch.allclose(every_axis, only_x)
+
+
+def test_default_overlap_is_half_the_patch_and_even() -> None:
+    assert default_overlap((40, 56, 1)) == (20, 28, 0)
+    assert default_overlap((5, 6, 7)) == (2, 2, 2)
+
+
+def test_restores_training_mode() -> None:
+    model = _model().train()
+    predict_probabilities(model, torch.randn(1, 8, 8, 8), (8, 8, 8), None)
+    assert model.training

@@ -1,0 +1,197 @@
+"""msdseg.train and msdseg.data on 8 real hippocampus subjects (raw 1 mm volumes), tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchio as tio
+
+from msdseg.config import load_config
+from msdseg.data import SafeLabelSampler, preprocessing, subjects_from_paths, training_transform
+from msdseg.inference import predict_probabilities
+from msdseg.model import load_model
+from msdseg.train import CHECKPOINT, train
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+PLAN = {"task": "Task04_Hippocampus", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "modality": {"0": "MRI"}, "n_channels": 1, "target_spacing": [1.0, 1.0, 1.0], "inplane_size": None,
+        "image_interpolation": "linear", "clip": None, "normalization": "zscore",
+        "ct_window": None, "ct_mean": None, "ct_std": None}
+LOG_COLUMNS = ["iteration", "loss", "lr", "val_dice_Anterior", "val_dice_Posterior",
+               "patches_per_s", "seconds_per_step", "data_wait_s"]
+
+
+def _rows(task_dir: Path, n: int = 8) -> list[dict[str, str]]:
+    """The first n training subjects as dataset.json lists them (never glob: ._* junk files)."""
+    entries = json.loads((task_dir / "dataset.json").read_text())["training"][:n]
+    return [{"subject": Path(e["image"]).name.removesuffix(".nii.gz"),
+             "image": str(task_dir / e["image"]), "label": str(task_dir / e["label"])} for e in entries]
+
+
+def _config(**train: Any) -> dict[str, Any]:
+    model = train.pop("model", {})
+    settings = {"patch_size": [24, 24, 24], "batch_size": 2, "iterations": 12, "samples_per_volume": 2,
+                "queue_length": 8, "num_workers": 0, "learning_rate": 0.01, "validate_every": 6,
+                "checkpoint_every": 6, "augmentation": {"affine": False}, **train}
+    return load_config({"task": "Task04_Hippocampus", "model": {"base_channels": 4, "depth": 2, **model},
+                        "train": settings, "infer": {"batch_size": 2}})
+
+
+@pytest.fixture(scope="module")
+def rows(hippocampus_dir: Path) -> list[dict[str, str]]:
+    return _rows(hippocampus_dir)
+
+
+def test_train_3d_label_sampler_loss_goes_down_and_files_written(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    config = _config(iterations=24, validate_every=12, label_probabilities={0: 0.2, 1: 0.3, 2: 0.5},
+                     class_weights=[1.0, 1.0, 2.0])
+    model_path = train(rows[:6], rows[6:], PLAN, config, tmp_path / "fold0", fold=0)
+    assert model_path == tmp_path / "fold0" / "model.pt"
+    log = pd.read_csv(tmp_path / "fold0" / "training_log.csv")
+    assert list(log.columns) == LOG_COLUMNS
+    assert log["iteration"].tolist() == list(range(1, 25))
+    assert log["loss"].iloc[-4:].mean() < log["loss"].iloc[:4].mean()
+    validated = log.dropna(subset=["val_dice_Anterior"])["iteration"].tolist()
+    assert validated == [12, 24]
+    assert (log["data_wait_s"] >= 0).all() and (log["patches_per_s"] > 0).all()
+    assert not (tmp_path / "fold0" / CHECKPOINT).exists()
+    model, meta = load_model(model_path)
+    assert meta["iterations"] == 24 and meta["fold"] == 0 and meta["patch_size"] == [24, 24, 24]
+    assert meta["labels"] == PLAN["labels"] and meta["plan"] == PLAN
+    assert set(meta["best_val_dice"]) == {"Anterior", "Posterior"}
+    assert meta["best_iteration"] in (12, 24)
+    assert meta["config"]["train"]["iterations"] == 24 and meta["mirror_axes"] == [0, 1, 2]
+
+
+def test_train_2d_uniform_sampler(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    config = _config(model={"spatial_dims": 2}, patch_size=[32, 32, 1], batch_size=4, sampler="uniform",
+                     iterations=10, validate_every=10)
+    model_path = train(rows[:6], rows[6:7], PLAN, config, tmp_path, fold=1)
+    model, meta = load_model(model_path)
+    assert model.spatial_dims == 2 and meta["mirror_axes"] == [0, 1]
+    log = pd.read_csv(tmp_path / "training_log.csv")
+    assert len(log) == 10 and log["val_dice_Anterior"].notna().sum() == 1
+    subject = preprocessing(meta["plan"])(subjects_from_paths(rows[7:])[0])
+    probabilities = predict_probabilities(model, subject["image"].data, meta["patch_size"], None, batch_size=8)
+    assert probabilities.shape == (3, *subject["image"].shape[1:])
+
+
+def _write_like(reference: str, array: np.ndarray, path: Path) -> str:
+    image = nib.load(reference)
+    nib.save(nib.Nifti1Image(array, image.affine), path)
+    return str(path)
+
+
+def test_small_volume_and_empty_label_map_train(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    """A volume smaller than the patch is padded; an empty label map falls back to uniform sampling."""
+    image = np.asarray(nib.load(rows[0]["image"]).dataobj)
+    label = np.asarray(nib.load(rows[0]["label"]).dataobj)
+    small = {"subject": "small",
+             "image": _write_like(rows[0]["image"], image[5:20, 10:30, 8:22].copy(), tmp_path / "small.nii.gz"),
+             "label": _write_like(rows[0]["label"], label[5:20, 10:30, 8:22].copy(), tmp_path / "small_l.nii.gz")}
+    empty = {"subject": "empty", "image": rows[1]["image"],
+             "label": _write_like(rows[1]["label"], np.zeros_like(np.asarray(nib.load(rows[1]["label"]).dataobj)),
+                                  tmp_path / "empty_l.nii.gz")}
+    config = _config(label_probabilities={0: 0.0, 1: 1.0, 2: 1.0}, samples_per_volume=4, iterations=6)
+
+    sampler = SafeLabelSampler((24, 24, 24), label_name="label", label_probabilities={0: 0.0, 1: 1.0, 2: 1.0})
+    for row in (small, empty):
+        subject = training_transform(PLAN, config)(subjects_from_paths([row])[0])
+        patches = list(sampler(subject, num_patches=3))
+        assert [p["image"].shape for p in patches] == [(1, 24, 24, 24)] * 3
+
+    train([small, empty, *rows[2:4]], [small], PLAN, config, tmp_path / "out", fold=0)
+    assert (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_same_seed_same_log(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    """Queue workers included (num_workers=1): the seeded run repeats exactly on the CPU."""
+    config = _config(num_workers=1, iterations=8, validate_every=4, augmentation={"affine": True, "elastic": True})
+    logs = []
+    for run in ("a", "b"):
+        train(rows[:5], rows[5:6], PLAN, config, tmp_path / run, fold=0)
+        logs.append(pd.read_csv(tmp_path / run / "training_log.csv"))
+    deterministic = ["iteration", "loss", "lr", "val_dice_Anterior", "val_dice_Posterior"]
+    pd.testing.assert_frame_equal(logs[0][deterministic], logs[1][deterministic])
+    other = _config(num_workers=1, iterations=8, validate_every=4, augmentation={"affine": True, "elastic": True})
+    other["seed"] = 1
+    train(rows[:5], rows[5:6], PLAN, other, tmp_path / "c", fold=0)
+    assert not pd.read_csv(tmp_path / "c" / "training_log.csv")["loss"].equals(logs[0]["loss"])
+
+
+def test_resume_after_sigkill_continues_the_iteration_count(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    out = tmp_path / "fold0"
+    settings = {"iterations": 40, "checkpoint_every": 3, "validate_every": 100}
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, torch
+        from pathlib import Path
+        torch.set_num_threads(1)
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import PLAN, _config
+        from msdseg.train import train
+        rows = json.loads({json.dumps(json.dumps(rows))})
+        config = _config(**json.loads(sys.argv[1]))
+        train(rows[:6], rows[6:], PLAN, config, Path({str(out)!r}), fold=0)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+
+    first = subprocess.Popen([sys.executable, str(script), json.dumps(settings)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out / CHECKPOINT).exists():
+        assert first.poll() is None, first.stderr.read().decode()[-2000:] if first.stderr else ""
+        assert time.monotonic() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "model.pt").exists(), "the run finished before it could be killed"
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    assert saved["iteration"] >= 3 and saved["iteration"] % 3 == 0
+    assert set(saved) >= {"model", "optimizer", "scheduler", "scaler", "rng", "log", "config_hash"}
+
+    second = subprocess.run([sys.executable, str(script), json.dumps(settings)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed_at = saved["iteration"]
+    assert f"at iteration {resumed_at}" in second.stderr
+    log = pd.read_csv(out / "training_log.csv")
+    assert log["iteration"].tolist() == list(range(1, 41))  # continued, not restarted
+    assert load_model(out / "model.pt")[1]["iterations"] == 40
+
+    # another training config does not resume: it starts over and says so
+    (out / "model.pt").unlink()
+    torch.save(saved, out / CHECKPOINT)
+    changed = subprocess.run([sys.executable, str(script), json.dumps({**settings, "learning_rate": 0.02})],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "another training config" in changed.stderr and "starting over" in changed.stderr
+    assert pd.read_csv(out / "training_log.csv")["lr"].iloc[0] == pytest.approx(0.02)
+
+
+def test_preprocessing_ct_zscore_none() -> None:
+    tensor = torch.tensor([[-2000.0, -100.0, 40.0, 500.0, 3000.0]]).reshape(1, 5, 1, 1)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=tensor))
+    ct = {"normalization": "ct", "ct_window": [-100.0, 500.0], "ct_mean": 100.0, "ct_std": 50.0}
+    out = preprocessing(ct)(subject)["image"].data.flatten()
+    torch.testing.assert_close(out, torch.tensor([-4.0, -4.0, -1.2, 8.0, 8.0]))
+    z = preprocessing({"normalization": "zscore"})(subject)["image"].data
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-5
+    assert torch.equal(preprocessing({"normalization": "none"})(subject)["image"].data, tensor)
+    two = tio.Subject(image=tio.ScalarImage(tensor=torch.stack([tensor[0], 100 * tensor[0] + 7])))
+    both = preprocessing({"normalization": "zscore", "n_channels": 2})(two)["image"].data
+    torch.testing.assert_close(both[0], both[1])  # each channel on its own scale
