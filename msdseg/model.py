@@ -171,8 +171,10 @@ def save_model(path: str | Path, model: UNet, meta: Mapping[str, Any]) -> None:
 def _unwrap(model: nn.Module) -> UNet:
     """The UNet inside DistributedDataParallel / torch.compile wrappers."""
     while not isinstance(model, UNet):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
             raise ModelError(f"expected an msdseg UNet, got {type(model).__name__}")
         model = inner
     return model

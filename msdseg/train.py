@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from msdseg.config import ConfigError
 from msdseg.data import IMAGE, LABEL, make_loader, make_queue, mirror_axes, preprocessing, subjects_from_paths
+from msdseg.errors import MsdsegError
 from msdseg.inference import autocast_dtype, default_overlap, predict_probabilities
 from msdseg.io import atomic_path
 from msdseg.metrics import dice_per_label
@@ -215,7 +216,25 @@ def _load_checkpoint(path: Path, expected_hash: str) -> dict[str, Any] | None:
 def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Mapping[str, Any]],
           plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path, fold: int,
           threads: int = 1, device: str | None = None) -> Path:
-    """Train one fold and return the path of model.pt (see module docstring)."""
+    """Train one fold and return the path of model.pt (see module docstring).
+
+    Subjects are mappings with subject, image and label (resampled files). ``device`` None = CUDA
+    when available. Process-wide torch settings (threads, determinism, cuDNN) are restored after.
+    """
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        return _train(train_subjects, val_subjects, plan, config, out_dir, fold, threads, device)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[3], saved[4]
+
+
+def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Mapping[str, Any]],
+           plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path, fold: int,
+           threads: int, device: str | None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -232,6 +251,9 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
     torch.use_deterministic_algorithms(deterministic, warn_only=dev.type == "cuda")
     seed = int(config["seed"]) + int(fold)
     seed_everything(seed)
+    if int(cfg_train.get("devices", 1)) > 1:
+        _say(f"train.devices is {cfg_train['devices']}, but multi-GPU (DDP) training is not implemented "
+             "yet; training on one device.")
 
     names = _label_names(plan)
     n_classes = len(plan["labels"])
@@ -286,7 +308,7 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
         dice = validate(model, val_tio, plan, config, dev)
         valid = [v for v in dice.values() if not math.isnan(v)]
         score = float(np.mean(valid)) if valid else -math.inf
-        if best["state_dict"] is None or score > best["score"]:
+        if best["state_dict"] is None or score >= best["score"]:  # ties: the later, longer-trained weights
             best.update(score=score, dice={names[k]: v for k, v in dice.items()}, iteration=iteration,
                         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         return dice
@@ -301,7 +323,7 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
         batches = _infinite(make_loader(queue, batch_size, pin_memory=dev.type == "cuda"))
         bar = tqdm(total=total, initial=iteration, desc=f"fold {fold}", unit="it", mininterval=1.0,
                    dynamic_ncols=True)
-        last_dice = "-"
+        last_dice, bad_steps = "-", 0
         while iteration < total and elapsed() + validation_s < budget_s:
             t0 = time.perf_counter()
             batch = next(batches)
@@ -320,6 +342,14 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
             scaler.step(optimizer)
             scaler.update()
             loss_value = float(loss.item())  # synchronises, so the step time below is real
+            if not math.isfinite(loss_value):
+                bad_steps += 1  # fp16: the scaler skipped the step; otherwise the weights are lost
+                if not scaler.is_enabled() or bad_steps >= 50:
+                    raise MsdsegError(
+                        f"fold {fold}: training diverged at iteration {iteration + 1} (loss {loss_value}); "
+                        f"lower train.learning_rate (now {cfg_train['learning_rate']}) or set train.grad_clip.")
+            else:
+                bad_steps = 0
             step_s = time.perf_counter() - t0
             iteration += 1
             row: dict[str, Any] = {"iteration": iteration, "loss": loss_value, "lr": lr}

@@ -44,7 +44,7 @@ TASK = "Task00_SyntheticLiver"
 TINY = {
     "synthetic": {"n_train": 4, "n_test": 1},
     "train": {
-        "iterations": 4, "validate_every": 4, "checkpoint_every": 4, "samples_per_volume": 2,
+        "folds": [0, 1], "iterations": 4, "validate_every": 4, "checkpoint_every": 4, "samples_per_volume": 2,
         "queue_length": 4, "num_workers": 0, "threads": 1, "mem_mb": 1000,
     },
     "infer": {"threads": 1, "mem_mb": 1000},
@@ -141,7 +141,8 @@ def slurm_cluster(tmp_path_factory):
     reason = _why_unavailable()
     if reason:
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    # 2 stand-in GPUs: two train jobs (folds) run side by side as on a real GPU partition
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), gpus=2)
     cluster.start()  # a cluster that is installed but does not start is a failure
     try:
         yield cluster
@@ -188,13 +189,21 @@ def _partitions_are_right(jobs: list[dict[str, str]]) -> None:
 
 @pytest.mark.slurm
 def test_cluster_runs_batch_jobs_and_job_steps_on_both_partitions(slurm_cluster, tmp_path):
-    for partition, extra in (("cpu", []), ("gpu", ["--gpus=1"])):
-        _run(
+    submitted = {
+        partition: subprocess.Popen(
             ["sbatch", "--wait", "--parsable", "-p", partition, *extra, "--mem", "100", "-t", "2",
              "-o", str(tmp_path / f"{partition}.out"), "--wrap", "srun -n1 echo step-ran"],
-            cwd=tmp_path, env=slurm_cluster.env, timeout=120,
+            cwd=tmp_path, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
         )
+        for partition, extra in (("cpu", []), ("gpu", ["--gpus=1"]))
+    }
+    for partition, process in submitted.items():
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output
         assert "step-ran" in (tmp_path / f"{partition}.out").read_text()
+        (job,) = [job for job in slurm_cluster.jobs() if job["JobId"] == output.split()[0]]
+        assert job["Partition"] == partition and job["JobState"] == "COMPLETED"
 
 
 TOY_SNAKEFILE = """

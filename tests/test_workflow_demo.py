@@ -83,3 +83,23 @@ def test_report_renders(demo_run):
     assert run.returncode == 0, output_of(run)
     html = (demo_run / "report.html").read_text(errors="replace")
     assert "dice_summary" in html
+
+
+def test_same_config_and_seed_give_the_same_results(demo_run, tmp_path):
+    """A second run elsewhere: same manifest bytes, training log, weights and Dice (CPU)."""
+    import torch
+
+    again = tmp_path / "again"
+    run = snakemake(again, config=QUICK)
+    assert run.returncode == 0, output_of(run)[-4000:]
+    first, second = demo_run / "results" / TASK, again / "results" / TASK
+    for name in ("manifest.csv", "plan.json", "fold0/metrics.csv", "dice_summary.csv"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    logs = [pd.read_csv(root / "fold0" / "training_log.csv") for root in (first, second)]
+    learned = [c for c in logs[0].columns if c in ("iteration", "loss", "lr") or c.startswith("val_dice")]
+    pd.testing.assert_frame_equal(logs[0][learned], logs[1][learned])
+    weights = [torch.load(root / "fold0" / "model.pt", weights_only=True)["state_dict"] for root in (first, second)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    model = torch.load(first / "fold0" / "model.pt", weights_only=True)
+    assert model["seed"] == 0 and model["config"]["train"]["iterations"] == QUICK["train"]["iterations"]
+    assert "torch" in model["versions"]
