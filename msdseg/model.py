@@ -11,8 +11,6 @@ multiples waste nothing, so presets should prefer them.
 
 from __future__ import annotations
 
-import platform
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from torch import nn
 
 from msdseg.errors import ModelError
 from msdseg.io import atomic_path
+from msdseg.provenance import git_commit, library_versions
 
 FORMAT = "msdseg-model/1"
 MAX_CHANNELS = 320  # nnU-Net's cap: deeper levels stop doubling here to bound memory
@@ -128,29 +127,6 @@ class UNet(nn.Module):
         if self.spatial_dims == 2:
             x = x.reshape(batch, sz, x.shape[1], sx, sy).permute(0, 2, 3, 4, 1)
         return x
-
-
-def library_versions() -> dict[str, str]:
-    """Versions stored with a model so a result can be traced to its software."""
-    import numpy
-    import torchio
-
-    import msdseg
-
-    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchio": str(torchio.__version__), "numpy": str(numpy.__version__), "msdseg": str(msdseg.__version__)}
-
-
-def git_commit() -> str | None:
-    """The commit of the msdseg checkout, or None outside a git repository."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else None
 
 
 def save_model(path: str | Path, model: UNet, meta: Mapping[str, Any]) -> None:

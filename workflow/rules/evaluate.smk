@@ -23,7 +23,7 @@ rule evaluate_fold:
 
 
 rule summarize:
-    """Dice summary per class and fold, box plot, best/worst overlays."""
+    """Dice summary per class and fold, box plot, best/worst overlays, and what made them."""
     input:
         metrics=expand(result("fold{fold}/metrics.csv"), fold=FOLDS),
         manifest=result("manifest.csv"),
@@ -31,6 +31,7 @@ rule summarize:
         summary=report(result("dice_summary.csv"), caption="../report/dice_summary.rst", category="Evaluation"),
         boxplot=report(result("plots/dice_boxplot.png"), caption="../report/dice_boxplot.rst", category="Evaluation"),
         overlays=report(result("plots/overlays.png"), caption="../report/overlays.rst", category="Evaluation"),
+        provenance=report(result("provenance.json"), caption="../report/provenance.rst", category="Provenance"),
     params:
         folds=FOLDS,
         prediction_pattern=lambda wildcards: result("fold{fold}/predictions/{subject}.nii.gz"),

@@ -2,12 +2,15 @@
 
 import _bootstrap  # noqa: F401
 
+import json
+
 import pandas as pd
 
 from msdseg.evaluate import dice_summary, read_metrics
-from msdseg.io import write_csv
+from msdseg.io import write_csv, write_text
 from msdseg.logs import job_log
 from msdseg.manifest import read_manifest
+from msdseg.provenance import provenance
 from msdseg.plots import overlay_cases, plot_dice_boxplot, plot_overlays
 
 with job_log(snakemake.log[0]):
@@ -29,3 +32,5 @@ with job_log(snakemake.log[0]):
     )
     names = dict(zip(metrics["label"], metrics["class_name"]))
     plot_overlays(cases, snakemake.output.overlays, class_names=names)
+    record = provenance(snakemake.config)
+    write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", snakemake.output.provenance)
