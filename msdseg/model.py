@@ -62,10 +62,16 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net: strided-conv down, transposed-conv up, skip concatenation, 1x1 head (logits)."""
+    """U-Net: strided-conv down, transposed-conv up, skip concatenation, 1x1 head (logits).
+
+    ``deep_supervision`` (nnU-Net) adds 1x1 heads on the coarser decoder levels; in training mode
+    the forward pass then returns a list of logits, full resolution first, each next one half
+    the size (rounded up). In eval mode it always returns the full-resolution logits only.
+    """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, base_channels: int = 16,
-                 depth: int = 4, norm: str = "instance", dropout: float = 0.0) -> None:
+                 depth: int = 4, norm: str = "instance", dropout: float = 0.0,
+                 deep_supervision: bool = False) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ModelError(f"model.spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -73,6 +79,7 @@ class UNet(nn.Module):
             "spatial_dims": int(spatial_dims), "in_channels": int(in_channels),
             "out_channels": int(out_channels), "base_channels": int(base_channels),
             "depth": int(depth), "norm": str(norm), "dropout": float(dropout),
+            "deep_supervision": bool(deep_supervision),
         }
         self.spatial_dims = spatial_dims
         self.depth = depth
@@ -90,6 +97,9 @@ class UNet(nn.Module):
             self.decoder.append(ConvBlock(spatial_dims, 2 * widths[level - 1], widths[level - 1], norm))
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.head = conv(widths[0], out_channels, 1)
+        # heads for decoder levels 1 .. depth-1 (not the bottleneck), finest first
+        self.deep_heads = nn.ModuleList(
+            [conv(widths[level], out_channels, 1) for level in range(1, depth)] if deep_supervision else [])
         self._initialise()
 
     def _initialise(self) -> None:
@@ -100,8 +110,8 @@ class UNet(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, x, y, z) -> logits (B, out_channels, x, y, z)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(B, C, x, y, z) -> logits (B, out_channels, x, y, z) (a list with deep supervision in training)."""
         if x.ndim != 5:
             raise ValueError(f"UNet expects (B, C, x, y, z) input, got shape {tuple(x.shape)}")
         batch, _, sx, sy, sz = x.shape
@@ -119,14 +129,22 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         x = self.encoder[-1](x)
+        decoded = []
         for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
-        x = self.head(x)
-        if any(pad):
-            x = x[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
-        if self.spatial_dims == 2:
-            x = x.reshape(batch, sz, x.shape[1], sx, sy).permute(0, 2, 3, 4, 1)
-        return x
+            decoded.append(x)
+        outputs = [self.head(x)]
+        if self.deep_heads and self.training:
+            # decoded[-1] is full resolution; decoded[-1 - k] is 2**k coarser
+            outputs += [head(decoded[-1 - k]) for k, head in enumerate(self.deep_heads, start=1)]
+        results = []
+        for k, out in enumerate(outputs):
+            size = [-(-s // 2**k) for s in spatial]  # ceil: the coarse grid of the unpadded input
+            out = out[(slice(None), slice(None), *(slice(0, s) for s in size))]
+            if self.spatial_dims == 2:
+                out = out.reshape(batch, sz, out.shape[1], *size).permute(0, 2, 3, 4, 1)
+            results.append(out)
+        return results if len(results) > 1 else results[0]
 
 
 def save_model(path: str | Path, model: UNet, meta: Mapping[str, Any]) -> None:

@@ -94,12 +94,23 @@ class Schedule:
         self.kind, self.base_lrs, self.progress = state["kind"], list(state["base_lrs"]), float(state["progress"])
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
+def segmentation_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, kind: str,
                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy and/or soft Dice over the foreground classes (batch Dice, as nnU-Net 3D).
 
     ``logits`` (B, K, x, y, z), ``target`` (B, x, y, z) integer labels. Computed in float32.
+    A list of logits (deep supervision, each half the size of the one before) weighs level k by
+    2**-k against a nearest-neighbour downsampled target, as nnU-Net does.
     """
+    if not isinstance(logits, torch.Tensor):
+        weights = [0.5**k for k in range(len(logits))]
+        total = logits[0].new_zeros((), dtype=torch.float32)
+        for weight, level in zip(weights, logits):
+            level_target = target
+            if level.shape[2:] != target.shape[1:]:
+                level_target = F.interpolate(target[:, None].float(), size=level.shape[2:], mode="nearest")[:, 0].long()
+            total = total + weight * segmentation_loss(level, level_target, kind, class_weights)
+        return total / sum(weights)
     logits = logits.float()
     loss = logits.new_zeros(())
     if kind in ("ce", "ce+dice"):
@@ -270,7 +281,8 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     identity = config_hash(config, plan, fold, [s["subject"] for s in train_tio], [s["subject"] for s in val_tio])
 
     model = UNet(cfg_model["spatial_dims"], int(plan.get("n_channels", 1)), n_classes,
-                 cfg_model["base_channels"], cfg_model["depth"], cfg_model["norm"], cfg_model["dropout"]).to(dev)
+                 cfg_model["base_channels"], cfg_model["depth"], cfg_model["norm"], cfg_model["dropout"],
+                 deep_supervision=cfg_model["deep_supervision"]).to(dev)
     optimizer_class = torch.optim.AdamW if cfg_train["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=cfg_train["learning_rate"],
                                 weight_decay=cfg_train["weight_decay"])

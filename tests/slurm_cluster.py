@@ -135,7 +135,8 @@ class SlurmCluster:
     # ------------------------------------------------------------------ environment
     @property
     def env(self) -> dict[str, str]:
-        """os.environ plus SLURM_CONF (and sbin on PATH): pass it to every SLURM client."""
+        """os.environ plus SLURM_CONF, and PATH with <root>/bin (the srun shim) first and sbin
+        last: pass it to every SLURM client and to Snakemake."""
         env = dict(os.environ)
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = os.pathsep.join(
@@ -159,6 +160,9 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ configuration
     def write_config(self) -> None:
+        socket_path = self.root / "munge" / "munge.socket"
+        if len(str(socket_path)) > 100:  # sockaddr_un holds 108 bytes
+            raise ValueError(f"cluster root {self.root} is too long for a Unix socket path")
         for sub in ("etc", "munge", "state", "spool", "log", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o755)

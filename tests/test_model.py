@@ -104,3 +104,20 @@ def _saved(tmp_path: Path) -> Path:
     path = tmp_path / "ok" / "model.pt"
     save_model(path, UNet(3, 1, 2, 4, 1), {})
     return path
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(3, (2, 1, 20, 23, 17)), (2, (2, 1, 20, 23, 3))])
+def test_deep_supervision_outputs_in_training_only(spatial_dims: int, shape: tuple[int, ...]) -> None:
+    from msdseg.train import segmentation_loss
+
+    model = UNet(spatial_dims, 1, 3, base_channels=4, depth=3, deep_supervision=True)
+    outputs = model(torch.randn(*shape))
+    assert isinstance(outputs, list) and len(outputs) == 3
+    halve = (lambda s, k: -(-s // 2**k))
+    for k, out in enumerate(outputs):
+        spatial = [halve(s, k) for s in shape[2:4]] + ([halve(shape[4], k)] if spatial_dims == 3 else [shape[4]])
+        assert out.shape == (2, 3, *spatial)
+    loss = segmentation_loss(outputs, torch.randint(0, 3, (shape[0], *shape[2:])), "ce+dice")
+    loss.backward()
+    assert model.deep_heads[0].weight.grad is not None
+    assert model.eval()(torch.randn(*shape)).shape == (2, 3, *shape[2:])

@@ -14,6 +14,7 @@ quicker status polling.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -269,7 +270,8 @@ def test_profile_sends_every_job_through_sbatch_to_its_partition_grouped(slurm_c
 # ------------------------------------------------------------------------ the demo workflow
 
 
-def _snakemake(workdir: Path, env: dict, *args: str) -> str:
+def _start_snakemake(workdir: Path, env: dict, *args: str) -> subprocess.Popen:
+    """The demo workflow with the TINY config in workdir (output to workdir/snakemake.out)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "test_config.yaml"
     config.write_text(yaml.safe_dump(TINY))
@@ -279,7 +281,20 @@ def _snakemake(workdir: Path, env: dict, *args: str) -> str:
         "--configfile", str(config),
     ]
     env = dict(env, PYTHONPATH=str(REPOSITORY), OMP_WAIT_POLICY="PASSIVE")
-    return _run(command, cwd=workdir, env=env, timeout=900)
+    with open(workdir / "snakemake.out", "w") as out:
+        return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, workdir: Path, timeout: float = 900) -> str:
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+    output = (workdir / "snakemake.out").read_text()
+    assert process.returncode == 0, output[-8000:]
+    return output
 
 
 def _finished_per_rule(output: str) -> Counter:
@@ -294,10 +309,13 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
 
     if not (REPOSITORY / "Snakefile").exists():
         pytest.skip("no Snakefile yet")
-    local_out = _snakemake(tmp_path / "local", dict(os.environ))
-    slurm_out = _snakemake(
+    # side by side: the SLURM run mostly waits for its status polls
+    slurm_run = _start_snakemake(
         tmp_path / "slurm", slurm_cluster.env, "--profile", str(SLURM_PROFILE), *CLUSTER_OPTIONS
     )
+    local_run = _start_snakemake(tmp_path / "local", dict(os.environ))
+    local_out = _finish(local_run, tmp_path / "local")
+    slurm_out = _finish(slurm_run, tmp_path / "slurm")
 
     # every job but the target rule ran inside a SLURM job, in the partition meant for it
     jobs = _slurm_jobs_of(slurm_cluster, slurm_out)
@@ -311,7 +329,11 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
     # the results are the same
     local, slurm = (tmp_path / name / "results" / TASK for name in ("local", "slurm"))
     for name in ("manifest.csv", "excluded.csv", "plan.json", "dice_summary.csv"):
-        assert (slurm / name).read_bytes() == (local / name).read_bytes(), name
+        here, there = (local / name).read_text(), (slurm / name).read_text()
+        diff = "\n".join(difflib.unified_diff(
+            here.splitlines(), there.splitlines(), "local/" + name, "slurm/" + name, lineterm="", n=0
+        ))
+        assert here == there, diff[:4000]
     predictions = sorted(p.relative_to(local) for p in local.glob("**/predictions/**/*.nii.gz"))
     assert predictions
     assert predictions == sorted(p.relative_to(slurm) for p in slurm.glob("**/predictions/**/*.nii.gz"))

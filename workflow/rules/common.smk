@@ -1,6 +1,7 @@
 """Paths, the archive source and input functions shared by every stage."""
 
 import os
+import shutil
 from pathlib import Path
 
 from msdseg.decathlon import SYNTHETIC_TASK, TASKS
@@ -12,6 +13,9 @@ SYNTHETIC = TASK == SYNTHETIC_TASK and not any(
 )
 FOLDS = sorted(set(config["train"]["folds"]))
 ENV = "../../envs/msdseg.yaml"
+# A job that will find a GPU asks for the `gpu` resource, so profiles/default's `gpu: 1` keeps two
+# of them off one GPU. train.gpus / infer.gpus ask explicitly (a cluster's login node has none).
+LOCAL_GPU = 1 if shutil.which("nvidia-smi") else 0
 
 
 def result(path):

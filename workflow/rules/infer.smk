@@ -23,7 +23,7 @@ rule infer_fold:
     resources:
         mem_mb=config["infer"]["mem_mb"],
         runtime=30,
-        gpu=config["infer"]["gpus"],
+        gpu=config["infer"]["gpus"] or LOCAL_GPU,
     script:
         "../scripts/infer.py"
 
@@ -50,6 +50,6 @@ rule infer_test:
     resources:
         mem_mb=config["infer"]["mem_mb"],
         runtime=30,
-        gpu=config["infer"]["gpus"],
+        gpu=config["infer"]["gpus"] or LOCAL_GPU,
     script:
         "../scripts/infer.py"
