@@ -214,7 +214,17 @@ def hippocampus_table(model: torch.nn.Module, cases: list, labels: dict[int, str
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+    """Peak RSS of this process so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mb() -> float:
+    """Resident memory now (for baselines; the peak so far would include import-time spikes)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def _large_volume(shape: Sequence[int]) -> torch.Tensor:
@@ -231,13 +241,13 @@ def large_worker(args: argparse.Namespace) -> None:
     if args.large_worker == "monai":
         import monai  # noqa: F401  (imported before the runtime baseline, like torchio for msdseg)
     import torchio  # noqa: F401
-    runtime = _rss_mb()  # interpreter, torch, libraries, model: not the method's memory
+    runtime = _current_rss_mb()  # interpreter, torch, libraries, model: not the method's memory
     patch, fraction = args.large_patch, args.large_overlap
     if args.large_worker == "predict_subject":
         from msdseg.predict import predict_subject
 
         work = Path(args.large_dir)
-        baseline = _rss_mb()
+        baseline = _current_rss_mb()
         start = time.perf_counter()
         predict_subject([Path(args.model)], work / "large.nii", work / "large.nii", work / "pred.nii.gz",
                         {"patch_size": list(patch), "overlap": overlap_voxels(patch, fraction), "overlap_mode": "hann",
@@ -246,7 +256,7 @@ def large_worker(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
     else:
         image = _large_volume(args.large_shape)
-        baseline = _rss_mb()
+        baseline = _current_rss_mb()
         mode = "hann" if args.large_worker == "msdseg" else "gaussian"
         start = time.perf_counter()
         probabilities = METHODS[args.large_worker](model, image, patch, fraction, mode, args.batch_size, args.device)
@@ -274,7 +284,10 @@ def large_table(args: argparse.Namespace, model_path: Path, work: Path) -> pd.Da
                    "--threads", str(args.threads), "--device", args.device, "--batch-size", str(args.batch_size),
                    "--large-shape", *map(str, args.large_shape), "--large-patch", *map(str, args.large_patch),
                    "--large-overlap", str(args.large_overlap), "--large-dir", str(work / "large")]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        # Linux carries the parent's RSS high-water mark into ru_maxrss across exec; through an
+        # intermediate shell that forks (the "; exit") the worker starts from the shell's tiny mark
+        result = subprocess.run(["/bin/sh", "-c", '"$@"; exit $?', "sh", *command],
+                                capture_output=True, text=True, check=False)
         if result.returncode != 0:
             print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
             rows.append({"method": method, "error": f"exit {result.returncode}"})
@@ -312,6 +325,7 @@ def main() -> None:
                         help="tiny: a random-weight 3-class UNet (4 base channels, depth 2) so the CPU finishes; "
                              "trained: the hippocampus model (sensible on a GPU)")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-hippocampus", action="store_true", help="only the large volume (needs --model)")
     parser.add_argument("--skip-predict-subject", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--large-worker", default=None, help=argparse.SUPPRESS)
@@ -332,14 +346,20 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        rows, plan = prepare(work, config)
-        print(f"prepared {len(rows)} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
-        model_path = args.model or quick_model(rows, plan, config, work, args.train_minutes, args.threads)
-        model, meta = load_model(model_path, args.device)
-        labels = {int(k): v for k, v in meta["labels"].items() if int(k) != 0}
-        cases = load_cases(rows[: args.subjects] if args.subjects else rows, plan)
-        with torch.inference_mode():
-            small = hippocampus_table(model, cases, labels, args.batch_size, args.device)
+        small, cases = None, []
+        if args.skip_hippocampus and args.model:
+            model_path = args.model
+            model, meta = load_model(model_path, args.device)
+            plan = meta["plan"]
+        else:
+            rows, plan = prepare(work, config)
+            print(f"prepared {len(rows)} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
+            model_path = args.model or quick_model(rows, plan, config, work, args.train_minutes, args.threads)
+            model, meta = load_model(model_path, args.device)
+            labels = {int(k): v for k, v in meta["labels"].items() if int(k) != 0}
+            cases = load_cases(rows[: args.subjects] if args.subjects else rows, plan)
+            with torch.inference_mode():
+                small = hippocampus_table(model, cases, labels, args.batch_size, args.device)
         large = None
         if not args.skip_large:
             large_model = model_path
@@ -354,9 +374,10 @@ def main() -> None:
     pd.set_option("display.width", 200)
     print(f"\ntorch {torch.__version__}, MONAI {monai_version}, device {args.device}, threads {args.threads}, "
           f"batch {args.batch_size}, model {model_path}")
-    print(f"\nHippocampus, {len(cases)} volumes (mean Dice over {sum(c[2] is not None for c in cases)} labelled "
-          "subjects and classes; agreement = Dice between the two methods' label maps):")
-    print(small.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if small is not None:
+        print(f"\nHippocampus, {len(cases)} volumes (mean Dice over {sum(c[2] is not None for c in cases)} labelled "
+              "subjects and classes; agreement = Dice between the two methods' label maps):")
+        print(small.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if large is not None:
         print(f"\nLarge volume {'x'.join(map(str, args.large_shape))}, 3 classes, patch "
               f"{'x'.join(map(str, args.large_patch))}, overlap {args.large_overlap}, {args.large_model} model; "

@@ -44,7 +44,7 @@ class ChannelZNormalization(tio.ZNormalization):
 
 
 def preprocessing(plan: Mapping[str, Any]) -> tio.Transform:
-    """The one intensity preprocessing of training and inference, chosen by the plan.
+    """The one intensity preprocessing of training and inference, chosen by the plan (image key only).
 
     ct: clip to ``ct_window`` and z-score with the training set's foreground ``ct_mean``/``ct_std``
     (nnU-Net's CT scheme, identical for every image); zscore: per image; none: unchanged.
@@ -60,13 +60,14 @@ def preprocessing(plan: Mapping[str, Any]) -> tio.Transform:
             )
         # RescaleIntensity maps in_min_max linearly onto out_min_max: (x - mean) / std
         return tio.Compose([
-            tio.Clamp(out_min=float(window[0]), out_max=float(window[1])),
-            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(float(mean), float(mean) + float(std))),
+            tio.Clamp(out_min=float(window[0]), out_max=float(window[1]), include=[IMAGE]),
+            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(float(mean), float(mean) + float(std)),
+                                 include=[IMAGE]),
         ])
     if method == "zscore":
         if int(plan.get("n_channels", 1)) > 1:
-            return ChannelZNormalization()
-        return tio.ZNormalization()
+            return ChannelZNormalization(include=[IMAGE])
+        return tio.ZNormalization(include=[IMAGE])
     if method == "none":
         return tio.Compose([])
     raise ConfigError(f"plan.json: unknown normalization {method!r}; use ct, zscore or none.")
@@ -84,6 +85,8 @@ def mirror_axes(config: Mapping[str, Any]) -> tuple[int, ...]:
 def augmentation(config: Mapping[str, Any]) -> tio.Transform:
     """Random spatial and intensity augmentation after normalisation (nnU-Net-like strengths).
 
+    Intensity changes touch the image only (not a weighted sampler's sampling_map).
+
     2D models (``model.spatial_dims: 2``) rotate, scale and flip in-plane only.
     """
     options = config["train"]["augmentation"]
@@ -100,11 +103,11 @@ def augmentation(config: Mapping[str, Any]) -> tio.Transform:
         displacement = (5.0, 5.0, 0.0) if planar else 5.0
         transforms.append(tio.RandomElasticDeformation(max_displacement=displacement, p=0.2))
     if options["bias_field"]:
-        transforms.append(tio.RandomBiasField(coefficients=0.3, p=0.2))
+        transforms.append(tio.RandomBiasField(coefficients=0.3, p=0.2, include=[IMAGE]))
     if options["gamma"]:
-        transforms.append(tio.RandomGamma(log_gamma=(-0.3, 0.3), p=0.3))
+        transforms.append(tio.RandomGamma(log_gamma=(-0.3, 0.3), p=0.3, include=[IMAGE]))
     if options["noise"]:
-        transforms.append(tio.RandomNoise(std=(0, 0.1), p=0.15))
+        transforms.append(tio.RandomNoise(std=(0, 0.1), p=0.15, include=[IMAGE]))
     return tio.Compose(transforms)
 
 

@@ -180,7 +180,9 @@ def _grid(path: Path) -> sitk.ImageFileReader:
 
 
 def labels_in_reference_geometry(
-    probabilities: torch.Tensor, source: sitk.Image, reference: sitk.Image
+    probabilities: torch.Tensor,
+    source: sitk.Image | sitk.ImageFileReader,
+    reference: sitk.Image | sitk.ImageFileReader,
 ) -> np.ndarray:
     """Argmax label map (uint8, (x, y, z)) on the reference grid from probabilities on ``source``.
 
@@ -309,23 +311,24 @@ def predict_subject(
         patch, overlap = grid_settings(infer, meta)
         logger.info("%s: %s, patch %s, overlap %s, %s, tta %s, device %s", name, path, patch, overlap,
                     infer.get("overlap_mode", "hann"), tta_axes(infer, meta), device)
-        with torch.no_grad():
+        # inference mode also for the sums: the probabilities may be inference tensors, which
+        # refuse in-place updates outside it (a clone would cost a probability volume)
+        with torch.inference_mode():
             probabilities = predict_with_fallback(model, prepared[plan_key], patch, overlap, infer, device,
-                                                  str(path), tta=tta_axes(infer, meta))
+                                                  str(path), tta=tta_axes(infer, meta)).to(torch.float32)
+            if summed is None:
+                summed = probabilities
+            else:
+                summed += probabilities
+            del probabilities
         model.to("cpu")
-        probabilities = probabilities.to(torch.float32)
-        if probabilities.is_inference():  # made under inference_mode: in-place sums need a normal tensor
-            probabilities = probabilities.clone()
-        if summed is None:
-            summed = probabilities
-        else:
-            summed += probabilities
-        del probabilities
     del prepared, subject, loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     assert summed is not None
-    summed /= len(model_paths)
+    if len(model_paths) > 1:
+        with torch.inference_mode():
+            summed /= len(model_paths)
 
     labels = labels_in_reference_geometry(summed, source, reference)
     del summed

@@ -20,6 +20,7 @@ import torch
 import torchio as tio
 
 from msdseg.config import load_config
+from msdseg.errors import SubjectError
 from msdseg.data import SafeLabelSampler, preprocessing, subjects_from_paths, training_transform
 from msdseg.inference import predict_probabilities
 from msdseg.model import load_model
@@ -78,8 +79,8 @@ def test_train_3d_label_sampler_loss_goes_down_and_files_written(rows: list[dict
 
 
 def test_train_2d_uniform_sampler(rows: list[dict[str, str]], tmp_path: Path) -> None:
-    config = _config(model={"spatial_dims": 2}, patch_size=[32, 32, 1], batch_size=4, sampler="uniform",
-                     iterations=10, validate_every=10)
+    config = _config(model={"spatial_dims": 2, "deep_supervision": True}, patch_size=[32, 32, 1], batch_size=4,
+                     sampler="uniform", iterations=10, validate_every=10)
     model_path = train(rows[:6], rows[6:7], PLAN, config, tmp_path, fold=1)
     model, meta = load_model(model_path)
     assert model.spatial_dims == 2 and meta["mirror_axes"] == [0, 1]
@@ -116,6 +117,20 @@ def test_small_volume_and_empty_label_map_train(rows: list[dict[str, str]], tmp_
 
     train([small, empty, *rows[2:4]], [small], PLAN, config, tmp_path / "out", fold=0)
     assert (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_weighted_sampler_needs_a_sampling_map(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    config = _config(sampler="weighted", iterations=3, validate_every=100)
+    with pytest.raises(SubjectError, match=f"{rows[0]['subject']}.*sampling_map"):
+        train(rows[:2], [], PLAN, config, tmp_path / "missing", fold=0)
+    weighted = []
+    for row in rows[:3]:
+        label = np.asarray(nib.load(row["label"]).dataobj)
+        weight = _write_like(row["label"], (1.0 + 4.0 * (label > 0)).astype(np.float32),
+                             tmp_path / f"{row['subject']}_w.nii.gz")
+        weighted.append({**row, "sampling_map": weight})
+    train(weighted, [], PLAN, config, tmp_path / "out", fold=0)
+    assert len(pd.read_csv(tmp_path / "out" / "training_log.csv")) == 3
 
 
 def test_same_seed_same_log(rows: list[dict[str, str]], tmp_path: Path) -> None:
