@@ -203,12 +203,42 @@ def make_sampler(config: Mapping[str, Any]) -> tio.data.PatchSampler:
     return SafeLabelSampler(patch, label_name=LABEL, label_probabilities=probabilities)
 
 
+class EpochQueue(tio.Queue):
+    """``tio.Queue`` that calls ``subject_sampler.set_epoch(e)`` as it starts pass ``e`` over the subjects.
+
+    torchio builds a new subject loader for each pass (``_initialize_subjects_iterable``, first
+    in ``__init__``, then whenever the previous pass is used up), so that is where a
+    ``DistributedSampler`` must learn the epoch: every rank then reshuffles alike and keeps its
+    own share. Passes are numbered from ``first_epoch`` (a resumed run goes on with new orders).
+    ``subjects_per_epoch`` lists the subject ids each pass drew, in order (DDP diagnostics).
+    """
+
+    def __init__(self, *args: Any, first_epoch: int = 0, **kwargs: Any) -> None:
+        self.epoch = int(first_epoch) - 1
+        self.subjects_per_epoch: list[list[str]] = []
+        super().__init__(*args, **kwargs)
+
+    def _initialize_subjects_iterable(self) -> None:
+        self.epoch += 1
+        self.subjects_per_epoch.append([])
+        if hasattr(self.subject_sampler, "set_epoch"):
+            self.subject_sampler.set_epoch(self.epoch)
+        super()._initialize_subjects_iterable()
+
+    def _get_next_subject(self) -> tio.Subject:
+        subject = super()._get_next_subject()
+        self.subjects_per_epoch[-1].append(str(subject.get("subject", "?")))
+        return subject
+
+
 def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config: Mapping[str, Any],
-               subject_sampler: Sampler | None = None, transform: tio.Transform | None = None) -> tio.Queue:
+               subject_sampler: Sampler | None = None, transform: tio.Transform | None = None,
+               first_epoch: int = 0) -> tio.Queue:
     """The training patch queue (torchio): workers load and augment subjects, the main process samples.
 
-    ``subject_sampler`` (e.g. ``DistributedSampler``) replaces subject shuffling for DDP; call its
-    ``set_epoch`` yourself. ``transform`` defaults to :func:`training_transform`.
+    ``subject_sampler`` (e.g. ``DistributedSampler``) replaces subject shuffling for DDP; the queue
+    is then an :class:`EpochQueue`, which calls its ``set_epoch`` at each pass over the subjects
+    (from ``first_epoch``). ``transform`` defaults to :func:`training_transform`.
     """
     train = config["train"]
     for subject in subjects:
@@ -219,9 +249,12 @@ def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config:
             raise SubjectError(subject["subject"], str(subject[IMAGE].path),
                                "train.sampler 'weighted' needs a 'sampling_map' path per subject; "
                                "add the column or use train.sampler: label.")
-    dataset = tio.SubjectsDataset(list(subjects), transform=transform or training_transform(plan, config))
+    if transform is None:  # (an empty tio.Compose is falsy: test for None)
+        transform = training_transform(plan, config)
+    dataset = tio.SubjectsDataset(list(subjects), transform=transform)
     samples = int(train["samples_per_volume"])
-    return tio.Queue(
+    extra: dict[str, Any] = {"first_epoch": first_epoch} if subject_sampler is not None else {}
+    return (EpochQueue if subject_sampler is not None else tio.Queue)(
         dataset,
         max_length=max(int(train["queue_length"]), samples),
         samples_per_volume=samples,
@@ -230,6 +263,7 @@ def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config:
         num_workers=int(train["num_workers"]),
         shuffle_subjects=subject_sampler is None,
         shuffle_patches=True,
+        **extra,
     )
 
 

@@ -4,6 +4,12 @@ Writes ``out_dir/model.pt`` (best validation weights + everything inference need
 docs/design.md), ``out_dir/training_log.csv`` and, while running, ``out_dir/checkpoint.pt``.
 A checkpoint is resumed only when it was written for the same training config (hash); it is
 written atomically, so a run killed at any moment leaves the previous complete one.
+
+``train.devices: N`` > 1 trains one model with DistributedDataParallel on N GPUs of this node
+(:func:`_spawn`): N processes, each with its share of the subjects per epoch (``DistributedSampler``
+as the queue's subject sampler) and its own augmentation seed; rank 0 alone validates and writes
+the checkpoint, the log and model.pt (the unwrapped model: loads in one process). On a machine
+without CUDA the ranks run on the CPU with gloo: that is for testing, not for speed.
 """
 
 from __future__ import annotations
@@ -15,18 +21,28 @@ import logging
 import math
 import os
 import random
+import signal
+import socket
 import sys
 import time
+import types
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchio as tio
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from msdseg.config import ConfigError
@@ -45,6 +61,19 @@ LOG = "training_log.csv"
 # train.* keys that do not change what is learned: a checkpoint survives changes to them
 _NOT_HASHED = {"max_minutes", "threads", "mem_mb", "gpus", "folds", "checkpoint_every",
                "validate_every", "num_workers", "devices"}
+# Diagnostics of DDP runs (tests): when set (not "0"), each rank writes DDP_DIAGNOSTICS.format(rank=r)
+# into out_dir: the subject ids its queue drew per epoch and a hash of its weights after steps 1 and last.
+DDP_DIAGNOSTICS_ENV = "MSDSEG_DDP_DIAGNOSTICS"
+DDP_DIAGNOSTICS = "ddp_diagnostics_rank{rank}.json"
+
+
+@dataclass(frozen=True)
+class _Ddp:
+    """This process's place in a DDP run; ``device`` holds the tensors of collectives."""
+
+    rank: int
+    world: int
+    device: torch.device
 
 
 def _say(message: str) -> None:
@@ -231,7 +260,11 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
 
     Subjects are mappings with subject, image and label (resampled files). ``device`` None = CUDA
     when available. Process-wide torch settings (threads, determinism, cuDNN) are restored after.
+    ``train.devices`` > 1: DDP in that many worker processes (see :func:`_spawn`).
     """
+    devices = int(config["train"].get("devices", 1))
+    if devices > 1:
+        return _spawn(train_subjects, val_subjects, plan, config, Path(out_dir), fold, threads, device, devices)
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
@@ -243,9 +276,96 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[3], saved[4]
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _spawn(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Mapping[str, Any]],
+           plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path, fold: int,
+           threads: int, device: str | None, devices: int) -> Path:
+    """Train with DDP in ``devices`` processes (``torch.multiprocessing``, rendezvous on 127.0.0.1).
+
+    CUDA: rank r on ``cuda:r`` with NCCL. CPU (no CUDA, or ``device='cpu'``): gloo, for tests.
+    Each rank gets ``threads // devices`` threads. A failing rank stops the others and raises here.
+    """
+    dev = _resolve_device(device)
+    if dev.type == "cuda" and torch.cuda.device_count() < devices:
+        raise ConfigError(f"config key 'train.devices': {devices} GPUs requested, {torch.cuda.device_count()} "
+                          "visible; lower train.devices or ask the scheduler for more GPUs (train.gpus).")
+    if dev.type not in ("cuda", "cpu"):
+        raise ConfigError(f"config key 'train.devices': DDP runs on CUDA or the CPU, not {dev.type}; "
+                          "set train.devices: 1.")
+    if dev.type == "cpu":
+        _say(f"train.devices is {devices} without CUDA: {devices} CPU processes with gloo "
+             "(meant for testing; it is not faster than one process).")
+    # a job log (msdseg.logs.job_log) is a file behind sys.stderr: the ranks append to it too
+    log_name = getattr(sys.stderr, "name", None)
+    log_file = log_name if isinstance(log_name, str) and os.path.isfile(log_name) else None
+    args = (devices, _free_port(), dev.type, log_file, [dict(s) for s in train_subjects],
+            [dict(s) for s in val_subjects], plan, config, str(out_dir), int(fold), max(int(threads) // devices, 1))
+    # spawn would re-run the caller's __main__ in each worker (a Snakemake rule script has no
+    # `if __name__ == "__main__"` guard): hide it while the workers start; they need msdseg only
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        context = mp.start_processes(_ddp_worker, args=args, nprocs=devices, join=False, start_method="spawn")
+    finally:
+        sys.modules["__main__"] = main
+    try:
+        while not context.join():
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise MsdsegError(f"fold {fold}: DDP training failed in rank {error.error_index} of {devices}: "
+                          f"{lines[-1] if lines else error}") from error
+    return out_dir / MODEL
+
+
+def _ddp_worker(rank: int, world: int, port: int, device_type: str, log_file: str | None,
+                train_subjects: list[dict[str, Any]], val_subjects: list[dict[str, Any]],
+                plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: str, fold: int, threads: int) -> None:
+    """One DDP rank (a process started by :func:`_spawn`)."""
+    # torch ends the ranks with SIGINT when the parent dies; a launcher may have left SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with ExitStack() as stack:
+        if log_file is not None:
+            stream = stack.enter_context(open(log_file, "a", buffering=1))
+            handler = logging.StreamHandler(stream)
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s"))
+            logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+            stack.enter_context(redirect_stdout(stream))
+            stack.enter_context(redirect_stderr(stream))
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            dev = torch.device("cuda", rank)
+        else:
+            dev = torch.device("cpu")
+        # rank 0 validates while the others wait in a collective: allow it the whole budget
+        timeout = timedelta(minutes=max(30.0, float(config["train"]["max_minutes"])))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+        try:
+            _train(train_subjects, val_subjects, plan, config, Path(out_dir), fold, threads, str(dev),
+                   ddp=_Ddp(rank, world, dev))
+        finally:
+            dist.destroy_process_group()
+
+
+def _weights_hash(model: nn.Module) -> str:
+    """sha256 of the parameters (what DDP keeps equal across ranks), for the DDP diagnostics."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Mapping[str, Any]],
            plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path, fold: int,
-           threads: int, device: str | None) -> Path:
+           threads: int, device: str | None, ddp: _Ddp | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -261,10 +381,9 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     # a few CUDA kernels (e.g. weighted NLL) have no deterministic version: warn there, never fail
     torch.use_deterministic_algorithms(deterministic, warn_only=dev.type == "cuda")
     seed = int(config["seed"]) + int(fold)
-    seed_everything(seed)
-    if int(cfg_train.get("devices", 1)) > 1:
-        _say(f"train.devices is {cfg_train['devices']}, but multi-GPU (DDP) training is not implemented "
-             "yet; training on one device.")
+    seed_everything(seed)  # the same on every DDP rank: same initial weights (DDP also broadcasts rank 0's)
+    lead = ddp is None or ddp.rank == 0  # validates and writes files
+    diagnostics = ddp is not None and os.environ.get(DDP_DIAGNOSTICS_ENV, "0") not in ("", "0")
 
     names = _label_names(plan)
     n_classes = len(plan["labels"])
@@ -303,7 +422,13 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
         _set_rng_state(state["rng"])
         iteration, elapsed_before, rows = int(state["iteration"]), float(state["elapsed_s"]), list(state["log"])
         best = dict(state["best"])
-        _say(f"resuming fold {fold} from {checkpoint_path} at iteration {iteration}")
+        if lead:
+            _say(f"resuming fold {fold} from {checkpoint_path} at iteration {iteration}")
+    net: nn.Module = model  # what trains; `model` (unwrapped) validates and is saved
+    if ddp is not None:
+        # per-rank augmentation and patch draws (a resumed run's checkpoint holds rank 0's RNG only)
+        seed_everything(seed + ddp.rank + 1_000_003 * iteration)
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def save_checkpoint() -> None:
         content = {"config_hash": identity, "iteration": iteration, "elapsed_s": elapsed(),
@@ -315,6 +440,14 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
+
+    def clock() -> tuple[float, float]:
+        """(elapsed s, validation s): rank 0's under DDP, so that every rank stops and anneals alike."""
+        if ddp is None:
+            return elapsed(), validation_s
+        values = torch.tensor([elapsed(), validation_s], dtype=torch.float64, device=ddp.device)
+        dist.broadcast(values, 0)
+        return float(values[0]), float(values[1])
 
     def run_validation() -> dict[int, float]:
         dice = validate(model, val_tio, plan, config, dev)
@@ -330,21 +463,33 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     validation_s = 0.0
     last_validated = rows[-1]["iteration"] if rows and _validated(rows[-1], names) else -1
     model.train()
-    if iteration < total and elapsed() < budget_s:
-        queue = make_queue(train_tio, plan, config)
+    queue, first_hash = None, None
+    now, validating_s = clock()
+    if iteration < total and now < budget_s:
+        if ddp is None:
+            queue = make_queue(train_tio, plan, config)
+        else:  # this rank's share of the subjects, reshuffled (alike on all ranks) every pass
+            sampler = DistributedSampler(train_tio, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=seed)
+            per_epoch = len(sampler) * int(cfg_train["samples_per_volume"])
+            queue = make_queue(train_tio, plan, config, subject_sampler=sampler,
+                               first_epoch=iteration * batch_size // per_epoch)
         batches = _infinite(make_loader(queue, batch_size, pin_memory=dev.type == "cuda"))
         bar = tqdm(total=total, initial=iteration, desc=f"fold {fold}", unit="it", mininterval=1.0,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not lead)
         last_dice, bad_steps = "-", 0
-        while iteration < total and elapsed() + validation_s < budget_s:
+        while iteration < total:
+            now, validating_s = clock()
+            if now + validating_s >= budget_s:
+                break
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
-            lr = scheduler.step(_progress(iteration, total, elapsed(), budget_s - validation_s))
+            lr = scheduler.step(_progress(iteration, total, elapsed() if ddp is None else now,
+                                          budget_s - validating_s))
             x = batch[IMAGE][tio.DATA].to(dev, non_blocking=True)
             y = batch[LABEL][tio.DATA][:, 0].to(dev, non_blocking=True).long()
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(x)
+                logits = net(x)
             loss = segmentation_loss(logits, y, cfg_train["loss"], class_weights)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -354,6 +499,10 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
             scaler.step(optimizer)
             scaler.update()
             loss_value = float(loss.item())  # synchronises, so the step time below is real
+            if ddp is not None:  # the mean over ranks: logged, and every rank judges divergence alike
+                total_loss = torch.tensor([loss_value], dtype=torch.float64, device=ddp.device)
+                dist.all_reduce(total_loss)
+                loss_value = float(total_loss) / ddp.world
             if not math.isfinite(loss_value):
                 bad_steps += 1  # fp16: the scaler skipped the step; otherwise the weights are lost
                 if not scaler.is_enabled() or bad_steps >= 50:
@@ -364,10 +513,12 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
                 bad_steps = 0
             step_s = time.perf_counter() - t0
             iteration += 1
+            if diagnostics and iteration == 1:
+                first_hash = _weights_hash(model)
             row: dict[str, Any] = {"iteration": iteration, "loss": loss_value, "lr": lr}
             row.update({f"val_dice_{name}": None for name in names.values()})
             row.update({"patches_per_s": batch_size / step_s, "seconds_per_step": step_s, "data_wait_s": t1 - t0})
-            if val_tio and (iteration % cfg_train["validate_every"] == 0 or iteration == total):
+            if lead and val_tio and (iteration % cfg_train["validate_every"] == 0 or iteration == total):
                 t_val = time.perf_counter()
                 dice = run_validation()
                 model.train()
@@ -378,12 +529,22 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
             rows.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", dice=last_dice, refresh=False)
-            if iteration % cfg_train["checkpoint_every"] == 0:
+            if lead and iteration % cfg_train["checkpoint_every"] == 0:
                 save_checkpoint()
         bar.close()
-        if iteration < total:
+        if iteration < total and lead:
             _say(f"stopping at iteration {iteration} of {total}: train.max_minutes "
                  f"({cfg_train['max_minutes']}) reached after {elapsed():.0f} s")
+
+    if diagnostics:
+        record = {"rank": ddp.rank, "world_size": ddp.world, "iterations": iteration,
+                  "subjects_per_epoch": getattr(queue, "subjects_per_epoch", []),
+                  "weights_sha256": {"1": first_hash, str(iteration): _weights_hash(model)}}
+        with atomic_path(out_dir / DDP_DIAGNOSTICS.format(rank=ddp.rank)) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=1))
+    if not lead:  # rank 0 writes the results; wait for it
+        dist.barrier(device_ids=[dev.index] if dev.type == "cuda" else None)
+        return out_dir / MODEL
 
     if val_tio and last_validated != iteration and rows:
         dice = run_validation()
@@ -406,6 +567,8 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     checkpoint_path.unlink(missing_ok=True)
     _say(f"fold {fold}: {iteration} iterations in {elapsed():.0f} s; best iteration {best['iteration']} "
          f"val Dice {best['dice']}; wrote {model_path}")
+    if ddp is not None:
+        dist.barrier(device_ids=[dev.index] if dev.type == "cuda" else None)
     return model_path
 
 
