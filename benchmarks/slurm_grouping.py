@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -99,9 +100,18 @@ def resample_targets(subjects: list[tuple[str, str]]) -> list[str]:
     return targets
 
 
+class Runaway(RuntimeError):
+    """Snakemake submitted far more SLURM jobs than the run has Snakemake jobs; it was stopped."""
+
+    def __init__(self, submitted: int, wall: float, output: str) -> None:
+        super().__init__(f"stopped after {submitted} SLURM jobs")
+        self.submitted, self.wall, self.output = submitted, wall, output
+
+
 def snakemake(workdir: Path, env: dict, args: list[str], targets: list[str], name: str,
-              timeout: float) -> tuple[float, str]:
-    """One Snakemake invocation in workdir; (wall seconds, its output). Fails loudly."""
+              timeout: float, max_submissions: int | None = None) -> tuple[float, str]:
+    """One Snakemake invocation in workdir; (wall seconds, its output). Fails loudly; stops it
+    (raising Runaway) once it submitted more than ``max_submissions`` SLURM jobs."""
     command = [
         sys.executable, "-m", "snakemake", *targets,  # first: options with nargs="+" follow
         "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--nocolor",
@@ -115,8 +125,16 @@ def snakemake(workdir: Path, env: dict, args: list[str], targets: list[str], nam
             command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        submitted = 0
         try:
-            process.wait(timeout=timeout)
+            while process.poll() is None:
+                if time.monotonic() - start > timeout:
+                    raise TimeoutError(f"snakemake ({name}) in {workdir}: over {timeout:.0f} s")
+                if max_submissions is not None:
+                    submitted = len(slurm_job_ids(out_path.read_text()))
+                    if submitted > max_submissions:
+                        break
+                time.sleep(1)
         finally:
             if process.poll() is None:  # timed out or interrupted: end it (it cancels its jobs)
                 process.terminate()
@@ -127,6 +145,8 @@ def snakemake(workdir: Path, env: dict, args: list[str], targets: list[str], nam
                     process.wait()
         wall = time.monotonic() - start
     output = out_path.read_text()
+    if max_submissions is not None and submitted > max_submissions:
+        raise Runaway(submitted, wall, output)
     if process.returncode != 0:
         raise RuntimeError(f"snakemake ({name}) in {workdir} failed:\n{output[-6000:]}")
     return wall, output
@@ -180,7 +200,18 @@ def run_one(label: str, workdir: Path, env: dict, args: list[str],
     targets = resample_targets(subjects)
     if resume:
         prep_s, first = snakemake(workdir, env, args, list(PREP_TARGETS), "prep", timeout)
-        resample_s, second = snakemake(workdir, env, args, targets, "resample", timeout)
+        try:
+            resample_s, second = snakemake(workdir, env, args, targets, "resample", timeout,
+                                           max_submissions=5 * len(subjects))
+        except Runaway as runaway:  # the group-components bug may resubmit a bundle forever
+            return {
+                "label": label, "subjects": len(subjects), "smk_jobs": len(finished_jobs(first)),
+                "prep_s": prep_s, "resample_s": runaway.wall, "load": load,
+                "slurm_jobs": len(slurm_job_ids(first)) + runaway.submitted,
+                "slurm_resample_jobs": runaway.submitted, "runaway": True,
+                "executions": sum(executions_in_slurm(workdir).values()),
+                "twice": sum(n > 1 for n in executions_in_slurm(workdir).values()),
+            }
         outputs = [first, second]
     else:
         started = time.time()
@@ -244,7 +275,12 @@ def _is_resample(workdir: Path, job_id: str) -> bool:
     )
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # runs the finally blocks: Snakemake ended, cluster stopped
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundles", nargs="*", default=["30:1"], metavar="SIZE[:CORES]",
                         help="further bundle sizes to run, each with --cores CORES (default 2); "
@@ -298,8 +334,12 @@ def main() -> None:
             runs.append((f"slurm bundle {profile_size}, resumed", ["--cores", "2"],
                          first(options.resume_subjects), True))
         for index, (label, extra, chosen, resume) in enumerate(runs):
-            rows.append(run_one(label, work / f"slurm{index}", env, slurm_args + extra, chosen,
-                                cluster, options.timeout, resume=resume))
+            try:
+                rows.append(run_one(label, work / f"slurm{index}", env, slurm_args + extra,
+                                    chosen, cluster, options.timeout, resume=resume))
+            except (RuntimeError, AssertionError, TimeoutError) as error:  # report, go on
+                print(f"{label} FAILED: {str(error)[-3000:]}", flush=True)
+                rows.append({"label": label, "error": str(error).splitlines()[0][:200]})
     finally:
         cluster.stop()
         if not options.keep:
@@ -316,10 +356,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
+        if "error" in row:
+            print(f"{row['label']:<28} FAILED: {row['error']}")
+            continue
         total = row["prep_s"] + row["resample_s"]
         slurm = (f"{row['slurm_jobs']} ({row['slurm_resample_jobs']})"
                  if "slurm_jobs" in row else "-")
         per_job = f"{row['mean_job_s']:.1f}" if "mean_job_s" in row else "-"
+        if row.get("runaway"):
+            slurm += "!"
         runs_done = str(row["executions"]) if "executions" in row else "-"
         print(f"{row['label']:<28} {row['subjects']:>4} {row['smk_jobs']:>8} {slurm:>10} "
               f"{runs_done:>5} {row['prep_s']:>6.0f} {row['resample_s']:>10.0f} {total:>7.0f} "
@@ -329,6 +374,8 @@ def main() -> None:
           "done (3 SLURM jobs); resample s: the rest; s/subj: resample s per subject; "
           "s/SLURM job: mean run time of a resample SLURM job; load: 1-min load average before.")
     for row in rows:
+        if "error" in row:
+            continue
         if row["subjects"] < len(every):
             note = f"{row['label']}: the first {row['subjects']} of {len(every)} subjects only"
             if "unbundled" in row["label"]:
@@ -340,6 +387,10 @@ def main() -> None:
             print(f"{row['label']}: two calls (up to plan.json, then the resampled files), as a "
                   f"run resumed after the manifest checkpoint; {row['twice']} of "
                   f"{row['subjects']} subjects were resampled more than once")
+            if row.get("runaway"):
+                print(f"{row['label']}: STOPPED by the benchmark after {row['slurm_resample_jobs']}"
+                      f" resample SLURM jobs for {row['subjects']} subjects (it resubmitted "
+                      "bundles of already finished jobs); its times are up to the stop")
         if row.get("cpus"):
             print(f"{row['label']}: a resample SLURM job asked for CPUs {row['cpus']}, "
                   f"time limits (min) {row['time_limits'][0]}..{row['time_limits'][-1]}")

@@ -463,7 +463,7 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     validation_s = 0.0
     last_validated = rows[-1]["iteration"] if rows and _validated(rows[-1], names) else -1
     model.train()
-    queue, first_hash = None, None
+    queue, hashes = None, {}
     now, validating_s = clock()
     if iteration < total and now < budget_s:
         if ddp is None:
@@ -514,10 +514,11 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
             step_s = time.perf_counter() - t0
             iteration += 1
             if diagnostics and iteration == 1:
-                first_hash = _weights_hash(model)
+                hashes["1"] = _weights_hash(model)
             row: dict[str, Any] = {"iteration": iteration, "loss": loss_value, "lr": lr}
             row.update({f"val_dice_{name}": None for name in names.values()})
-            row.update({"patches_per_s": batch_size / step_s, "seconds_per_step": step_s, "data_wait_s": t1 - t0})
+            patches = batch_size * (ddp.world if ddp is not None else 1)  # all ranks' patches per step
+            row.update({"patches_per_s": patches / step_s, "seconds_per_step": step_s, "data_wait_s": t1 - t0})
             if lead and val_tio and (iteration % cfg_train["validate_every"] == 0 or iteration == total):
                 t_val = time.perf_counter()
                 dice = run_validation()
@@ -539,7 +540,7 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     if diagnostics:
         record = {"rank": ddp.rank, "world_size": ddp.world, "iterations": iteration,
                   "subjects_per_epoch": getattr(queue, "subjects_per_epoch", []),
-                  "weights_sha256": {"1": first_hash, str(iteration): _weights_hash(model)}}
+                  "weights_sha256": {**hashes, str(iteration): _weights_hash(model)}}
         with atomic_path(out_dir / DDP_DIAGNOSTICS.format(rank=ddp.rank)) as tmp:
             Path(tmp).write_text(json.dumps(record, indent=1))
     if not lead:  # rank 0 writes the results; wait for it

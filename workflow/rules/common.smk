@@ -18,6 +18,12 @@ ENV = "../../envs/msdseg.yaml"
 LOCAL_GPU = 1 if shutil.which("nvidia-smi") else 0
 
 
+def train_gpus():
+    """GPUs a train job asks for: at least train.devices when it trains with DDP."""
+    devices = config["train"]["devices"]
+    return max(config["train"]["gpus"] or LOCAL_GPU, devices if devices > 1 else 0)
+
+
 def result(path):
     """A path under results/<task>/."""
     return str(RESULTS / path)

@@ -30,6 +30,6 @@ rule train:
     resources:
         mem_mb=config["train"]["mem_mb"],
         runtime=int(config["train"]["max_minutes"]) + 30,
-        gpu=config["train"]["gpus"] or LOCAL_GPU,
+        gpu=train_gpus(),
     script:
         "../scripts/train.py"
