@@ -48,6 +48,28 @@ def _flip_sets(tta: bool | Sequence[int], spatial_dims: int) -> list[tuple[int, 
     return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
 
 
+class LeanGridAggregator(tio.GridAggregator):
+    """torchio's GridAggregator with one shared weight channel and in-place normalisation.
+
+    torchio keeps a weight map per class and divides into a new tensor, so a 3-class
+    512x512x400 volume needs five probability-sized buffers; here it needs about two (the
+    accumulator and a one-channel weight map), which keeps large CTs within a CPU's memory.
+    """
+
+    def _initialize_avgmask_tensor(self, batch: torch.Tensor) -> None:
+        if self._avgmask_tensor is None:
+            self._avgmask_tensor = torch.zeros((1, *self.spatial_shape), dtype=torch.float32)
+
+    def get_output_tensor(self) -> torch.Tensor:
+        if self.overlap_mode not in ("average", "hann") or self.volume_padded:
+            return super().get_output_tensor()
+        assert self._output_tensor is not None and self._avgmask_tensor is not None
+        output = self._output_tensor.float()  # no copy when already float32
+        output.div_(self._avgmask_tensor)
+        self._avgmask_tensor = None
+        return output
+
+
 def predict_probabilities(
     model: nn.Module,
     image: torch.Tensor,
@@ -84,16 +106,18 @@ def predict_probabilities(
     spatial_shape = tuple(image.shape[1:])
     padding = PadToAtLeast.padding_for(spatial_shape, patch)
     subject = tio.Subject(**{IMAGE: tio.ScalarImage(tensor=image.detach().float().cpu())})
-    subject = PadToAtLeast(patch)(subject)
+    if any(padding):  # padding copies the volume: only when it is smaller than the patch
+        subject = PadToAtLeast(patch)(subject)
     sampler = tio.GridSampler(subject, patch, lap)
-    aggregator = tio.GridAggregator(sampler, overlap_mode=overlap_mode)
+    aggregator = LeanGridAggregator(sampler, overlap_mode=overlap_mode)
     loader = tio.SubjectsLoader(sampler, batch_size=batch_size, num_workers=0,
                                 pin_memory=device.type == "cuda")
 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the aggregated volume is normalised in place afterwards
+        with torch.no_grad():
             for batch in loader:
                 x = batch[IMAGE][tio.DATA].to(device, non_blocking=True)
                 probabilities = torch.zeros((), device=device)
@@ -107,7 +131,9 @@ def predict_probabilities(
     finally:
         model.train(was_training)
 
-    output = aggregator.get_output_tensor().float()
+    output = aggregator.get_output_tensor()
+    if not any(padding):
+        return output
     lo = padding[0::2]
     crop = tuple(slice(start, start + size) for start, size in zip(lo, spatial_shape))
     return output[(slice(None), *crop)].contiguous()
