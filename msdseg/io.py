@@ -14,8 +14,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+
+from msdseg.errors import SubjectError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -206,8 +209,6 @@ def scan_nifti(path: str | os.PathLike[str]) -> NiftiScan:
     nibabel (and so torchio) sees the truncation and the NaNs. The file is decompressed once in
     blocks; no image array is built. Other formats return zero counts unchecked.
     """
-    import nibabel as nib
-
     if not str(path).lower().endswith((".nii", ".nii.gz")):
         return NiftiScan(0, 0)
     try:
@@ -275,3 +276,60 @@ def image_on_grid(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     image.SetSpacing(geometry.spacing)
     image.SetDirection(geometry.direction)
     return image
+
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _subject(path: str | os.PathLike[str]) -> str:
+    from msdseg.decathlon import subject_id
+
+    return subject_id(path)
+
+
+def read_label_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(labels (x, y, z) int16, affine 4x4, spacing (x, y, z) mm) of a label NIfTI via nibabel.
+
+    nibabel, not SimpleITK: the affine compared here is the one every NIfTI reader sees.
+    """
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for broken files
+        raise SubjectError(_subject(path), str(path), f"not a readable NIfTI ({error})") from error
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SubjectError(
+            _subject(path), str(path), f"a label map must be 3D, got shape {data.shape}"
+        )
+    if np.issubdtype(data.dtype, np.floating):
+        data = np.rint(data)
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return data.astype(np.int16, copy=False), np.asarray(image.affine, dtype=np.float64), spacing
+
+
+def write_labels(labels: np.ndarray, reference_path: Path, out_path: Path,
+                 reference: sitk.Image | sitk.ImageFileReader) -> None:
+    """Write a uint8 label map with the reference's header: same affine, shape and orientation.
+
+    NIfTI references are written with nibabel from the reference's own header (qform and sform
+    copied as they are), so every reader sees exactly the original affine; other formats go
+    through SimpleITK with the reference geometry.
+    """
+    if str(reference_path).endswith(_NIFTI_SUFFIXES) and str(out_path).endswith(_NIFTI_SUFFIXES):
+        original = nib.load(str(reference_path))
+        header = original.header.copy()
+        header.set_data_dtype(np.uint8)
+        image = nib.Nifti1Image(labels, original.affine, header)
+        image.set_qform(original.get_qform(), code=int(original.header["qform_code"]))
+        image.set_sform(original.get_sform(), code=int(original.header["sform_code"]))
+        image.header.set_slope_inter(1.0, 0.0)
+        image.header["cal_min"] = 0
+        image.header["cal_max"] = 0
+        image.header["descrip"] = b"msdseg prediction"
+        image.header["intent_code"] = 0
+        with atomic_path(out_path) as tmp:
+            nib.save(image, str(tmp))
+    else:
+        write_image(image_on_grid(labels, spatial_geometry(reference)), out_path)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from msdseg.decathlon import subject_id
 from msdseg.errors import SubjectError
+from msdseg.io import read_label_volume
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> float:
@@ -183,39 +184,6 @@ METRIC_COLUMNS = [
     "volume_ref_ml",
     "volume_pred_ml",
 ]
-
-
-def subject_id(path: str | os.PathLike[str]) -> str:
-    """Subject id from a file name (``hippocampus_001.nii.gz`` -> ``hippocampus_001``)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-def read_label_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(labels (x, y, z) int16, affine 4x4, spacing (x, y, z) mm) of a label NIfTI via nibabel.
-
-    nibabel, not SimpleITK: the affine compared here is the one every NIfTI reader sees.
-    """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises several types for broken files
-        raise SubjectError(subject_id(path), str(path), f"not a readable NIfTI ({error})") from error
-    data = np.asanyarray(image.dataobj)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SubjectError(
-            subject_id(path), str(path), f"a label map must be 3D, got shape {data.shape}"
-        )
-    if np.issubdtype(data.dtype, np.floating):
-        data = np.rint(data)
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return data.astype(np.int16, copy=False), np.asarray(image.affine, dtype=np.float64), spacing
 
 
 def evaluate_subject(

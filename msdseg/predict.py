@@ -23,12 +23,13 @@ import SimpleITK as sitk
 import torch
 
 from msdseg.errors import ModelError, SubjectError
-from msdseg.io import atomic_path, image_on_grid, read_image_header, spatial_geometry, write_image
-from msdseg.metrics import read_label_volume, subject_id, volume_ml
+from msdseg.io import read_image_header, spatial_geometry
+from msdseg.decathlon import subject_id
+from msdseg.io import read_label_volume, write_labels
+from msdseg.metrics import volume_ml
 
 logger = logging.getLogger(__name__)
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 # --------------------------------------------------------------------------- models
@@ -213,34 +214,6 @@ def labels_in_reference_geometry(
             del better, values
     assert labels is not None
     return labels
-
-
-def write_labels(labels: np.ndarray, reference_path: Path, out_path: Path,
-                 reference: sitk.Image | sitk.ImageFileReader) -> None:
-    """Write a uint8 label map with the reference's header: same affine, shape and orientation.
-
-    NIfTI references are written with nibabel from the reference's own header (qform and sform
-    copied as they are), so every reader sees exactly the original affine; other formats go
-    through SimpleITK with the reference geometry.
-    """
-    if str(reference_path).endswith(_NIFTI_SUFFIXES) and str(out_path).endswith(_NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        original = nib.load(str(reference_path))
-        header = original.header.copy()
-        header.set_data_dtype(np.uint8)
-        image = nib.Nifti1Image(labels, original.affine, header)
-        image.set_qform(original.get_qform(), code=int(original.header["qform_code"]))
-        image.set_sform(original.get_sform(), code=int(original.header["sform_code"]))
-        image.header.set_slope_inter(1.0, 0.0)
-        image.header["cal_min"] = 0
-        image.header["cal_max"] = 0
-        image.header["descrip"] = b"msdseg prediction"
-        image.header["intent_code"] = 0
-        with atomic_path(out_path) as tmp:
-            nib.save(image, str(tmp))
-    else:
-        write_image(image_on_grid(labels, spatial_geometry(reference)), out_path)
 
 
 # --------------------------------------------------------------------------- subject
