@@ -36,7 +36,7 @@ def http_server(tmp_path: Path) -> Iterator[LoopbackServer]:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "Task04_Hippocampus.tar").is_file():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
+        pytest.skip(reason=f"real test data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
     return SHARED_DATA
 
 

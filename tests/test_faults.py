@@ -38,7 +38,7 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here ({result.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+        pytest.skip(reason=f"cannot mount a size-limited tmpfs here ({result.stderr.strip()}); needs root with CAP_SYS_ADMIN")
     try:
         yield mount_point
     finally:

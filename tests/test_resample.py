@@ -37,7 +37,7 @@ def liver_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     archive = shared_data / f"{LIVER_TASK}.tar"
     if not archive.is_file():
-        pytest.skip(f"{archive} not found")
+        pytest.skip(reason=f"{archive} not found")
     return safe_extract(archive, tmp_path_factory.mktemp("liver") / LIVER_TASK)
 
 

@@ -99,7 +99,7 @@ def _workflow_rules() -> set[str]:
 
 def test_slurm_profile_names_every_rule_and_group_of_the_workflow():
     if not (REPOSITORY / "Snakefile").exists():
-        pytest.skip("no Snakefile yet")
+        pytest.skip(reason="no Snakefile yet")
     rules = _workflow_rules() - {"all"}
     settings = profile(SLURM_PROFILE)
     assert rules == set(settings["set-resources"]), "profiles/slurm set-resources vs rules"
@@ -141,7 +141,7 @@ def _why_unavailable() -> str | None:
 def slurm_cluster(tmp_path_factory):
     reason = _why_unavailable()
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     # 2 stand-in GPUs: two train jobs (folds) run side by side as on a real GPU partition
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), gpus=2)
     cluster.start()  # a cluster that is installed but does not start is a failure
@@ -308,7 +308,7 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
     import numpy as np
 
     if not (REPOSITORY / "Snakefile").exists():
-        pytest.skip("no Snakefile yet")
+        pytest.skip(reason="no Snakefile yet")
     # side by side: the SLURM run mostly waits for its status polls
     slurm_run = _start_snakemake(
         tmp_path / "slurm", slurm_cluster.env, "--profile", str(SLURM_PROFILE), *CLUSTER_OPTIONS
