@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torchio as tio
 from torch import nn
+from torch.utils.data import DataLoader
 
 from msdseg.data import IMAGE, PadToAtLeast
 
@@ -70,6 +72,25 @@ class LeanGridAggregator(tio.GridAggregator):
         return output
 
 
+class GridPatches(torch.utils.data.Dataset):
+    """The patches at a torchio GridSampler's locations, sliced straight from the volume tensor.
+
+    Iterating the GridSampler itself builds a cropped ``tio.Subject`` per patch; slicing the
+    tensor at the same locations gives the same patches without that per-patch overhead.
+    """
+
+    def __init__(self, volume: torch.Tensor, locations: Sequence[Sequence[int]]) -> None:
+        self.volume = volume
+        self.locations = torch.as_tensor(np.asarray(locations), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i0, j0, k0, i1, j1, k1 = (int(v) for v in self.locations[index])
+        return self.volume[:, i0:i1, j0:j1, k0:k1], self.locations[index]
+
+
 def predict_probabilities(
     model: nn.Module,
     image: torch.Tensor,
@@ -110,24 +131,27 @@ def predict_probabilities(
         subject = PadToAtLeast(patch)(subject)
     sampler = tio.GridSampler(subject, patch, lap)
     aggregator = LeanGridAggregator(sampler, overlap_mode=overlap_mode)
-    loader = tio.SubjectsLoader(sampler, batch_size=batch_size, num_workers=0,
-                                pin_memory=device.type == "cuda")
+    patches = GridPatches(subject[IMAGE].data, sampler.locations)
+    loader = DataLoader(patches, batch_size=batch_size, num_workers=0, pin_memory=device.type == "cuda")
 
     was_training = model.training
     model.eval()
     try:
         # no_grad, not inference_mode: the aggregated volume is normalised in place afterwards
         with torch.no_grad():
-            for batch in loader:
-                x = batch[IMAGE][tio.DATA].to(device, non_blocking=True)
-                probabilities = torch.zeros((), device=device)
+            for x, locations in loader:
+                x = x.to(device, non_blocking=True)
+                probabilities = None
                 for axes in flips:
                     x_in = x.flip(axes) if axes else x
                     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                         logits = model(x_in)
                     p = torch.softmax(logits.float(), dim=1)
-                    probabilities = probabilities + (p.flip(axes) if axes else p)
-                aggregator.add_batch((probabilities / len(flips)).cpu(), batch[tio.LOCATION])
+                    p = p.flip(axes) if axes else p
+                    probabilities = p if probabilities is None else probabilities.add_(p)
+                if len(flips) > 1:
+                    probabilities.div_(len(flips))
+                aggregator.add_batch(probabilities.cpu(), locations)
     finally:
         model.train(was_training)
 

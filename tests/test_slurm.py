@@ -311,7 +311,8 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
         pytest.skip(reason="no Snakefile yet")
     # side by side: the SLURM run mostly waits for its status polls
     slurm_run = _start_snakemake(
-        tmp_path / "slurm", slurm_cluster.env, "--profile", str(SLURM_PROFILE), *CLUSTER_OPTIONS
+        tmp_path / "slurm", slurm_cluster.env, "--profile", str(SLURM_PROFILE), *CLUSTER_OPTIONS,
+        "--group-components", "resample=4", "infer=4",  # bundling, as documented for fresh runs
     )
     local_run = _start_snakemake(tmp_path / "local", dict(os.environ))
     local_out = _finish(local_run, tmp_path / "local")

@@ -133,7 +133,7 @@ rule resample_training:
         "resample"
     resources:
         mem_mb=4000,
-        runtime=20,
+        runtime=5,
     script:
         "../scripts/resample.py"
 
@@ -155,6 +155,6 @@ rule resample_test:
         "resample"
     resources:
         mem_mb=4000,
-        runtime=20,
+        runtime=5,
     script:
         "../scripts/resample.py"
