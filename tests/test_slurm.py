@@ -252,7 +252,8 @@ def test_profile_sends_every_job_through_sbatch_to_its_partition_grouped(slurm_c
         )
     output = _run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--cores", "2",
-         "--nocolor", *CLUSTER_OPTIONS],
+         "--nocolor", *CLUSTER_OPTIONS,
+         "--group-components", "resample=4", "infer=4"],  # bundling, as documented for fresh runs
         cwd=tmp_path, env=slurm_cluster.env,
     )
     jobs = _slurm_jobs_of(slurm_cluster, output)
