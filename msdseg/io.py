@@ -237,11 +237,6 @@ def scan_nifti(path: str | os.PathLike[str]) -> NiftiScan:
     return NiftiScan(n_nan, n_inf)
 
 
-def verify_complete(path: str | os.PathLike[str]) -> None:
-    """Raise OSError when a NIfTI file is truncated or its gzip stream is corrupt (see :func:`scan_nifti`)."""
-    scan_nifti(path)
-
-
 def iter_channels(image: sitk.Image) -> Iterator[sitk.Image]:
     """The 3D channels of an image, one at a time (a 3D scalar image is its own only channel)."""
     if image.GetDimension() == 4:
