@@ -10,9 +10,10 @@ msdseg.train on ``../shared/data/Task04_Hippocampus.tar``):
    methods' label maps) over all 210;
 2. one synthetic 512x512x400 volume with 3 classes: seconds and peak RSS
    (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of each method in a fresh subprocess (the
-   probabilities only), and of msdseg's whole ``predict_subject`` (read, grid, resample back,
-   argmax, write). The RSS after imports and model loading is reported too (``runtime``): the
-   interpreter and libraries are not the method's memory.
+   probabilities only), and of msdseg's whole ``predict_subject`` (read, grid, argmax, write),
+   once on a grid that is the original and once with a resampling back to an original grid half
+   a voxel away (``predict_subject_resampled``). The RSS after imports and model loading is
+   reported too (``runtime``): the interpreter and libraries are not the method's memory.
 
 Targets: msdseg no slower than MONAI at equal overlap; mean Dice within 0.005; peak RSS for the
 large volume below 3x its float32 probability volume (3 x 512 x 512 x 400 x 4 B = 1.26 GB).
@@ -51,6 +52,7 @@ PROBABILITY_BYTES = 3 * 512 * 512 * 400 * 4
 
 # (patch, overlap fraction, torchio mode, MONAI mode): equal windows, comparable blending
 SETTINGS = [
+    ((32, 48, 32), 0.5, "hann", "gaussian"),  # configs/hippocampus.yaml: the training patch, half overlap
     ((40, 56, 40), 0.5, "hann", "gaussian"),
     ((40, 56, 40), 0.5, "average", "constant"),
     ((32, 32, 32), 0.5, "hann", "gaussian"),
@@ -162,6 +164,20 @@ def load_cases(rows: list[dict], plan: dict) -> list[tuple[str, torch.Tensor, np
 # --------------------------------------------------------------------------- part 1: hippocampus
 
 
+def _bootstrap_ratio(numerator: list[float], denominator: list[float], draws: int = 2000) -> str:
+    """95% interval of sum(numerator) / sum(denominator) over subjects resampled with replacement.
+
+    The pairs are timed back to back, so the interval says whether a speed ratio near 1 is a
+    real difference or the machine's noise.
+    """
+    rng = np.random.default_rng(0)
+    top, bottom = np.asarray(numerator), np.asarray(denominator)
+    picks = rng.integers(0, len(top), size=(draws, len(top)))
+    ratios = top[picks].sum(axis=1) / bottom[picks].sum(axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return f"{low:.3f}-{high:.3f}"
+
+
 def hippocampus_table(model: torch.nn.Module, cases: list, labels: dict[int, str], batch_size: int,
                       device: str) -> pd.DataFrame:
     from msdseg.metrics import dice, dice_per_label
@@ -171,6 +187,7 @@ def hippocampus_table(model: torch.nn.Module, cases: list, labels: dict[int, str
         modes = {"msdseg": torchio_mode, "monai": monai_mode}
         predictions: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
         seconds = {m: 0.0 for m in METHODS}
+        per_subject: dict[str, list[float]] = {m: [] for m in METHODS}
         for method in METHODS:  # warm-up
             METHODS[method](model, cases[0][1], patch, fraction, modes[method], batch_size, device)
         for index, (subject, image, _) in enumerate(cases):
@@ -184,6 +201,7 @@ def hippocampus_table(model: torch.nn.Module, cases: list, labels: dict[int, str
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 seconds[method] += time.perf_counter() - start
+                per_subject[method].append(time.perf_counter() - start)
                 predictions[method][subject] = probabilities.argmax(0).numpy().astype(np.uint8)
         seconds = {m: total / len(cases) for m, total in seconds.items()}
         scores = {m: [] for m in METHODS}
@@ -201,6 +219,7 @@ def hippocampus_table(model: torch.nn.Module, cases: list, labels: dict[int, str
             "blend": f"{torchio_mode}/{monai_mode}",
             "msdseg_s": seconds["msdseg"], "monai_s": seconds["monai"],
             "speed_ratio": seconds["monai"] / seconds["msdseg"],
+            "speed_ratio_95ci": _bootstrap_ratio(per_subject["monai"], per_subject["msdseg"]),
             "dice_msdseg": mean["msdseg"], "dice_monai": mean["monai"],
             "dice_diff": mean["msdseg"] - mean["monai"],
             "mean_abs_diff": float(np.nanmean(np.abs(per_pair))),
@@ -243,13 +262,16 @@ def large_worker(args: argparse.Namespace) -> None:
     import torchio  # noqa: F401
     runtime = _current_rss_mb()  # interpreter, torch, libraries, model: not the method's memory
     patch, fraction = args.large_patch, args.large_overlap
-    if args.large_worker == "predict_subject":
+    if args.large_worker.startswith("predict_subject"):
         from msdseg.predict import predict_subject
 
         work = Path(args.large_dir)
+        # "predict_subject": the resampled grid is the original (no resampling back); with
+        # "_resampled" the original grid is shifted by half a voxel, so every class is resampled
+        reference = work / ("original.nii" if args.large_worker.endswith("_resampled") else "large.nii")
         baseline = _current_rss_mb()
         start = time.perf_counter()
-        predict_subject([Path(args.model)], work / "large.nii", work / "large.nii", work / "pred.nii.gz",
+        predict_subject([Path(args.model)], work / "large.nii", reference, work / "pred.nii.gz",
                         {"patch_size": list(patch), "overlap": overlap_voxels(patch, fraction), "overlap_mode": "hann",
                          "batch_size": args.batch_size, "tta": False, "precision": "fp32"},
                         device=args.device, threads=args.threads)
@@ -275,8 +297,13 @@ def large_table(args: argparse.Namespace, model_path: Path, work: Path) -> pd.Da
     (work / "large").mkdir(exist_ok=True)
     methods = ["msdseg", "monai"]
     if not args.skip_predict_subject:
-        nib.save(nib.Nifti1Image(_large_volume(args.large_shape)[0].numpy(), np.eye(4)), str(work / "large" / "large.nii"))
-        methods.append("predict_subject")
+        volume = _large_volume(args.large_shape)[0].numpy()
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(work / "large" / "large.nii"))
+        shifted = np.eye(4)
+        shifted[:3, 3] = 0.5  # the "original" grid: same size, half a voxel off, so resampling runs
+        nib.save(nib.Nifti1Image(np.zeros(args.large_shape, dtype=np.int16), shifted), str(work / "large" / "original.nii"))
+        del volume
+        methods += ["predict_subject", "predict_subject_resampled"]
     rows = []
     # each method twice, in mirrored order (a b c c b a): the faster run counts, against load drift
     for method in [*methods, *reversed(methods)]:

@@ -128,6 +128,13 @@ class Geometry(NamedTuple):
     origin: tuple[float, float, float]
     direction: tuple[float, ...]  # 3x3, row-major, SimpleITK/LPS
 
+    def same_as(self, other: Geometry, tolerance_mm: float = 1e-4) -> bool:
+        """Same voxel grid: equal size, spacing and origin within ``tolerance_mm``, same direction."""
+        return (tuple(self.size) == tuple(other.size)
+                and np.allclose(self.spacing, other.spacing, rtol=0, atol=tolerance_mm)
+                and np.allclose(self.origin, other.origin, rtol=0, atol=tolerance_mm)
+                and np.allclose(self.direction, other.direction, rtol=0, atol=1e-6))
+
 
 def spatial_geometry(image: sitk.Image | sitk.ImageFileReader) -> Geometry:
     """The (x, y, z) grid of a 3D or 4D image (or of a reader after ReadImageInformation).

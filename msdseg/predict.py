@@ -196,22 +196,20 @@ def labels_in_reference_geometry(
     One class at a time with a running maximum (identical to a full argmax, first class wins ties)
     keeps the memory at two reference-sized float32 volumes instead of n_classes.
     """
-    from msdseg.resample import resample_to_reference
+    from msdseg.resample import channels_on_reference
 
     best: np.ndarray | None = None
     labels: np.ndarray | None = None
-    for channel in range(probabilities.shape[0]):
-        resampled = resample_to_reference(probabilities[channel : channel + 1], source, reference)
-        values = np.asarray(resampled[0], dtype=np.float32)
-        del resampled
+    for channel, values in enumerate(channels_on_reference(probabilities, source, reference)):
         if best is None:
-            best = values if values.flags.writeable else values.copy()
+            best = np.array(values, dtype=np.float32)  # a copy: ``values`` lives until the next channel
             labels = np.zeros(best.shape, dtype=np.uint8)
         else:
             better = values > best
             labels[better] = channel  # type: ignore[index]
             np.maximum(best, values, out=best)
-            del better, values
+            del better
+        del values  # let the generator free this channel before it resamples the next
     assert labels is not None
     return labels
 
@@ -272,15 +270,21 @@ def predict_subject(
     reference = _grid(Path(reference_path))
 
     name = subject_id(image_path)
+    # every distinct intensity plan once (folds of one run share one), then the raw image can go:
+    # during aggregation only the preprocessed volume and the probabilities are held
+    plans = {json.dumps(meta.get("plan") or {}, sort_keys=True): meta.get("plan") or {} for _, _, meta in loaded}
     prepared: dict[str, torch.Tensor] = {}
+    for plan_key, plan in plans.items():
+        # a single plan may change the raw subject in place: it is not needed afterwards
+        transformed = preprocessing(plan, copy=len(plans) > 1)(subject)
+        prepared[plan_key] = transformed[IMAGE].data.to(torch.float32)
+        del transformed
+    del subject
+
     summed: torch.Tensor | None = None
     for path, model, meta in loaded:
         _check_spacing(meta, source, Path(image_path), path)
         plan_key = json.dumps(meta.get("plan") or {}, sort_keys=True)
-        if plan_key not in prepared:
-            transformed = preprocessing(meta.get("plan") or {})(subject)
-            prepared[plan_key] = transformed[IMAGE].data.to(torch.float32)
-            del transformed
         patch, overlap = grid_settings(infer, meta)
         logger.info("%s: %s, patch %s, overlap %s, %s, tta %s, device %s", name, path, patch, overlap,
                     infer.get("overlap_mode", "hann"), tta_axes(infer, meta), device)
@@ -295,7 +299,7 @@ def predict_subject(
                 summed += probabilities
             del probabilities
         model.to("cpu")
-    del prepared, subject, loaded
+    del prepared, loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     assert summed is not None

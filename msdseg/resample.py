@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -270,21 +270,60 @@ def resample_to_reference(
 
     The inverse of :func:`resample_subject` for predictions: ``source`` is the resampled image,
     ``reference`` the original (a 4D one contributes its spatial grid). Only their grids are
-    used, so header readers (:func:`msdseg.io.read_image_header`) do as well as images. One
-    channel is interpolated at a time, so the peak is about one channel on each grid beyond the
-    output. Anything ``np.asarray`` takes (a CPU torch tensor too) is accepted.
+    used, so header readers (:func:`msdseg.io.read_image_header`) do as well as images. Anything
+    ``np.asarray`` takes (a CPU torch tensor too) is accepted.
     """
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 4:
         raise ValueError(f"probabilities must be (C, x, y, z), got shape {probabilities.shape}")
+    reference_grid = io.spatial_geometry(reference)
+    result = np.empty((probabilities.shape[0], *reference_grid.size), dtype=np.float32)
+    for index, channel in enumerate(channels_on_reference(probabilities, source, reference)):
+        result[index] = channel
+    return result
+
+
+def _resampling_source(array: np.ndarray, grid: io.Geometry) -> sitk.Image:
+    """An (x, y, z) array as an image to resample from, with one copy of it instead of two.
+
+    SimpleITK reads arrays as (z, y, x), so :func:`msdseg.io.image_on_grid` transposes first,
+    which copies a CT-sized channel once more. Taken as it is, the (x, y, z) buffer gives an image
+    with its axes in reverse order; reversing the spacing and the direction's columns with them
+    puts every voxel at the same physical point, and that is all resampling looks at. Only for
+    reading by the resampler: the image's own index order is (z, y, x).
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing(tuple(reversed(grid.spacing)))
+    image.SetOrigin(grid.origin)
+    image.SetDirection(tuple(np.asarray(grid.direction, dtype=float).reshape(3, 3)[:, ::-1].ravel()))
+    return image
+
+
+def channels_on_reference(
+    probabilities: np.ndarray, source: sitk.Image | sitk.ImageFileReader, reference: sitk.Image | sitk.ImageFileReader
+) -> Iterator[np.ndarray]:
+    """Each channel of (C, x, y, z) ``probabilities`` on ``reference``'s grid, linearly, one at a time.
+
+    For large CTs: at any moment only one channel exists on each grid. Each yielded array is a
+    read-only float32 view that is valid until the next one is requested, so copy what you keep.
+    When the two grids are the same (no resampling happened) the channels pass through uncopied.
+    """
+    probabilities = np.asarray(probabilities)
     source_grid = io.spatial_geometry(source)
     reference_grid = io.spatial_geometry(reference)
     _check_grid(probabilities, source_grid, "probabilities")
-    result = np.empty((probabilities.shape[0], *reference_grid.size), dtype=np.float32)
+    identical = source_grid.same_as(reference_grid)
     for index in range(probabilities.shape[0]):
-        channel = io.image_on_grid(np.asarray(probabilities[index], dtype=np.float32), source_grid)
-        result[index] = io.to_xyz(_resample(channel, reference_grid, sitk.sitkLinear, sitk.sitkFloat32))
-    return result
+        channel = np.asarray(probabilities[index], dtype=np.float32)
+        if identical:
+            yield channel
+            continue
+        image = _resampling_source(channel, source_grid)
+        del channel
+        resampled = _resample(image, reference_grid, sitk.sitkLinear, sitk.sitkFloat32)
+        del image
+        yield io.xyz_view(resampled)
+        del resampled
 
 
 def resample_label_to_reference(

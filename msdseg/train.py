@@ -123,6 +123,15 @@ class Schedule:
         self.kind, self.base_lrs, self.progress = state["kind"], list(state["base_lrs"]), float(state["progress"])
 
 
+def make_optimizer(model: nn.Module, cfg_train: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW, Adam, or nnU-Net's SGD (Nesterov, momentum 0.99) from the train section."""
+    kind, lr, decay = cfg_train["optimizer"], cfg_train["learning_rate"], cfg_train["weight_decay"]
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=decay)
+    optimizer_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), lr=lr, weight_decay=decay)
+
+
 def segmentation_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, kind: str,
                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy and/or soft Dice over the foreground classes (batch Dice, as nnU-Net 3D).
@@ -402,9 +411,7 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
     model = UNet(cfg_model["spatial_dims"], int(plan.get("n_channels", 1)), n_classes,
                  cfg_model["base_channels"], cfg_model["depth"], cfg_model["norm"], cfg_model["dropout"],
                  deep_supervision=cfg_model["deep_supervision"]).to(dev)
-    optimizer_class = torch.optim.AdamW if cfg_train["optimizer"] == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=cfg_train["learning_rate"],
-                                weight_decay=cfg_train["weight_decay"])
+    optimizer = make_optimizer(model, cfg_train)
     total = int(cfg_train["iterations"])
     scheduler = Schedule(optimizer, cfg_train["schedule"])
     amp_dtype = autocast_dtype(cfg_train["precision"], dev)

@@ -76,3 +76,41 @@ def test_restores_training_mode() -> None:
     model = _model().train()
     predict_probabilities(model, torch.randn(1, 8, 8, 8), (8, 8, 8), None)
     assert model.training
+
+
+@pytest.mark.parametrize("mode", ["average", "hann", "crop"])
+def test_lean_aggregator_equals_torchio(mode: str) -> None:
+    """The leaner aggregator (one weight channel, batched window) gives torchio's volume."""
+    import torchio as tio
+
+    from msdseg.inference import LeanGridAggregator
+
+    generator = torch.Generator().manual_seed(0)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.rand(1, 21, 18, 13, generator=generator)))
+    sampler = tio.GridSampler(subject, (8, 10, 6), (4, 4, 2))
+    patches = torch.rand(len(sampler.locations), 3, 8, 10, 6, generator=generator)
+    locations = torch.as_tensor(sampler.locations, dtype=torch.int64)
+    reference, lean = tio.GridAggregator(sampler, overlap_mode=mode), LeanGridAggregator(sampler, overlap_mode=mode)
+    for start in range(0, len(patches), 4):  # batches of 4, the last one shorter
+        for aggregator in (reference, lean):
+            aggregator.add_batch(patches[start:start + 4], locations[start:start + 4])
+    torch.testing.assert_close(lean.get_output_tensor(), reference.get_output_tensor(), rtol=1e-6, atol=1e-6)
+
+
+def test_precision_on_cpu() -> None:
+    """CPUs run fp32 unless bf16 is asked for and computed natively there (AVX512-BF16/AMX)."""
+    from msdseg.inference import autocast_dtype, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp16", cpu) is None
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+
+
+def test_bf16_probabilities_agree_with_fp32() -> None:
+    model = _model()
+    image = torch.randn(1, 20, 24, 16, generator=torch.Generator().manual_seed(1))
+    full = predict_probabilities(model, image, (16, 16, 16), amp="fp32")
+    half = predict_probabilities(model, image, (16, 16, 16), amp="bf16")
+    assert half.dtype == torch.float32
+    assert (full.argmax(0) == half.argmax(0)).float().mean() > 0.95

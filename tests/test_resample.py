@@ -19,6 +19,7 @@ from msdseg.manifest import build_manifest
 from msdseg.metrics import dice
 from msdseg.resample import (
     PLAN_KEYS,
+    channels_on_reference,
     make_plan,
     read_plan,
     resample_label_to_reference,
@@ -152,6 +153,34 @@ def test_round_trip_to_the_original_grid(resampled_liver: dict[str, Any], tmp_pa
     written, reference = nib.load(str(tmp_path / "prediction.nii.gz")), nib.load(str(subject.image))
     assert written.shape == reference.shape
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
+
+
+def test_channels_on_the_same_grid_pass_through_uncopied(resampled_liver: dict[str, Any]) -> None:
+    """No resampling happened (the grids agree): the channels are the input's own memory."""
+    from msdseg.predict import labels_in_reference_geometry
+
+    source = io.read_image_header(resampled_liver["image"])
+    size = io.spatial_geometry(source).size
+    probabilities = np.random.default_rng(0).random((3, *size), dtype=np.float32)
+    channels = [np.shares_memory(channel, probabilities) for channel in channels_on_reference(probabilities, source, source)]
+    assert channels == [True, True, True]
+    labels = labels_in_reference_geometry(probabilities, source, source)
+    np.testing.assert_array_equal(labels, probabilities.argmax(axis=0))
+
+
+def test_untransposed_resampling_source_matches_the_plain_image() -> None:
+    """The copy-saving source image (axes reversed with their geometry) resamples identically."""
+    from msdseg.resample import _resample, _resampling_source
+
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, -1.0]])
+    source = io.Geometry((17, 12, 9), (0.8, 1.1, 2.5), (-30.0, 12.5, 7.0), tuple(rotation.ravel()))
+    reference = io.Geometry((23, 15, 20), (0.6, 0.9, 1.0), (-29.0, 13.0, -12.0), tuple(np.eye(3).ravel()))
+    array = np.random.default_rng(0).random(source.size, dtype=np.float32)
+    plain = io.to_xyz(_resample(io.image_on_grid(array, source), reference, sitk.sitkLinear, sitk.sitkFloat32))
+    lean = io.to_xyz(_resample(_resampling_source(array, source), reference, sitk.sitkLinear, sitk.sitkFloat32))
+    assert plain.std() > 0.1  # the reference grid overlaps the source: real values, not padding
+    np.testing.assert_allclose(lean, plain, atol=1e-5)
 
 
 def test_four_dimensional_image_is_resampled_per_channel(liver, tmp_path: Path) -> None:
