@@ -460,7 +460,9 @@ def _train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[M
         dice = validate(model, val_tio, plan, config, dev)
         valid = [v for v in dice.values() if not math.isnan(v)]
         score = float(np.mean(valid)) if valid else -math.inf
-        if best["state_dict"] is None or score >= best["score"]:  # ties: the later, longer-trained weights
+        # train.keep "last": every validation replaces the kept weights, so the final ones win
+        keep_latest = cfg_train["keep"] == "last"
+        if keep_latest or best["state_dict"] is None or score >= best["score"]:  # ties: the later weights
             best.update(score=score, dice={names[k]: v for k, v in dice.items()}, iteration=iteration,
                         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         return dice

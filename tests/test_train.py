@@ -93,12 +93,13 @@ def test_train_2d_uniform_sampler(rows: list[dict[str, str]], tmp_path: Path) ->
 
 def test_sgd_with_bf16_trains(rows: list[dict[str, str]], tmp_path: Path) -> None:
     """nnU-Net's optimiser and bf16 autocast (on CPUs with native bf16; fp32 elsewhere)."""
-    config = _config(optimizer="sgd", precision="bf16", iterations=16, validate_every=16)
+    config = _config(optimizer="sgd", precision="bf16", iterations=16, validate_every=5, keep="last")
     model_path = train(rows[:6], rows[6:7], PLAN, config, tmp_path, fold=0)
     log = pd.read_csv(tmp_path / "training_log.csv")
     assert log["loss"].notna().all() and log["loss"].iloc[-4:].mean() < log["loss"].iloc[:4].mean()
     _, meta = load_model(model_path)
     assert meta["config"]["train"]["optimizer"] == "sgd"
+    assert meta["best_iteration"] == 16  # keep: last writes the final weights whatever they score
 
 
 def _write_like(reference: str, array: np.ndarray, path: Path) -> str:
