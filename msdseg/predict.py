@@ -272,7 +272,8 @@ def predict_subject(
     name = subject_id(image_path)
     # every distinct intensity plan once (folds of one run share one), then the raw image can go:
     # during aggregation only the preprocessed volume and the probabilities are held
-    plans = {json.dumps(meta.get("plan") or {}, sort_keys=True): meta.get("plan") or {} for _, _, meta in loaded}
+    plan_keys = [json.dumps(meta.get("plan") or {}, sort_keys=True) for _, _, meta in loaded]
+    plans = {key: meta.get("plan") or {} for key, (_, _, meta) in zip(plan_keys, loaded)}
     prepared: dict[str, torch.Tensor] = {}
     for plan_key, plan in plans.items():
         # a single plan may change the raw subject in place: it is not needed afterwards
@@ -282,9 +283,8 @@ def predict_subject(
     del subject
 
     summed: torch.Tensor | None = None
-    for path, model, meta in loaded:
+    for (path, model, meta), plan_key in zip(loaded, plan_keys):
         _check_spacing(meta, source, Path(image_path), path)
-        plan_key = json.dumps(meta.get("plan") or {}, sort_keys=True)
         patch, overlap = grid_settings(infer, meta)
         logger.info("%s: %s, patch %s, overlap %s, %s, tta %s, device %s", name, path, patch, overlap,
                     infer.get("overlap_mode", "hann"), tta_axes(infer, meta), device)
