@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 PROBABILITY_BYTES = 3 * 512 * 512 * 400 * 4
@@ -170,11 +171,8 @@ def _bootstrap_ratio(numerator: list[float], denominator: list[float], draws: in
     The pairs are timed back to back, so the interval says whether a speed ratio near 1 is a
     real difference or the machine's noise.
     """
-    rng = np.random.default_rng(0)
-    top, bottom = np.asarray(numerator), np.asarray(denominator)
-    picks = rng.integers(0, len(top), size=(draws, len(top)))
-    ratios = top[picks].sum(axis=1) / bottom[picks].sum(axis=1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
+    low, high = bootstrap_interval(lambda top, bottom: top.sum(axis=1) / bottom.sum(axis=1),
+                                   numerator, denominator, draws=draws)
     return f"{low:.3f}-{high:.3f}"
 
 

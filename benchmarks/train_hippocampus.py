@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # only effective before tor
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
 
 from msdseg.archive import safe_extract  # noqa: E402
 from msdseg.config import load_config  # noqa: E402
@@ -89,11 +90,10 @@ def evaluate(model_paths: list[Path], rows: list[dict], labels: dict[int, str], 
     return pd.DataFrame(records)
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 5000, seed: int = 0) -> list[float]:
-    """95% percentile interval of the mean over subjects: how far another 40 cases could move it."""
-    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
-    means = values[draws].mean(axis=1)
-    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+def mean_interval(values: np.ndarray) -> list[float]:
+    """95% bootstrap interval of the mean over subjects: how far another 40 cases could move it."""
+    low, high = bootstrap_interval(lambda resampled: resampled.mean(axis=1), values, draws=5000)
+    return [round(low, 4), round(high, 4)]
 
 
 def main() -> None:
@@ -151,7 +151,7 @@ def main() -> None:
         "held_out_subjects": len(held_out), "split_seed": split_seed,
         "train_subjects": len(training), "val_subjects": len(validation),
         "mean_dice": {name: float(scores[name].mean()) for name in labels.values()},
-        "mean_dice_95ci": {name: bootstrap_interval(scores[name].to_numpy()) for name in labels.values()},
+        "mean_dice_95ci": {name: mean_interval(scores[name].to_numpy()) for name in labels.values()},
         "median_dice": {name: float(scores[name].median()) for name in labels.values()},
         "models": args.models, "iterations": [int(member["iteration"].max()) for member in logs], "batch_size": batch,
         "train_wall_s": round(train_s, 1), "prepare_s": round(prepare_s, 1), "eval_s": round(eval_s, 1),

@@ -20,9 +20,9 @@ import train_hippocampus  # noqa: E402
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_cases() -> None:
     rng = np.random.default_rng(1)
     few, many = rng.normal(0.88, 0.04, 10), rng.normal(0.88, 0.04, 400)
-    low, high = train_hippocampus.bootstrap_interval(few)
+    low, high = train_hippocampus.mean_interval(few)
     assert low < few.mean() < high
-    low_many, high_many = train_hippocampus.bootstrap_interval(many)
+    low_many, high_many = train_hippocampus.mean_interval(many)
     assert high_many - low_many < (high - low) / 3
 
 
