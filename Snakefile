@@ -1,7 +1,7 @@
 """msdseg: a Medical Segmentation Decathlon task from archive to U-Net, predictions and Dice.
 
-    snakemake --cores 8                                   # the embedded synthetic demo
-    snakemake --cores 8 --config task=Task04_Hippocampus  # a real task (official URL + MD5)
+snakemake --cores 8                                   # the embedded synthetic demo
+snakemake --cores 8 --config task=Task04_Hippocampus  # a real task (official URL + MD5)
 """
 
 import os
@@ -16,12 +16,14 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 sys.path.insert(0, workflow.basedir)  # the msdseg package beside this Snakefile
-from msdseg.config import ConfigError, load_config
+from msdseg.config import ConfigError, layered_config
 
-try:  # first, a one-line message that names the key (and cross-key checks a schema cannot do)
-    load_config(config)
+try:  # presets for this task only, numbers as numbers, then one-line messages that name the key
+    _layered, CHOSEN = layered_config(config)
 except ConfigError as error:
     raise WorkflowError(f"invalid configuration: {error}") from None
+config.clear()
+config.update(_layered)
 validate(config, os.path.join(workflow.basedir, "msdseg", "schemas", "config.schema.yaml"))
 
 
@@ -36,6 +38,6 @@ report: "workflow/report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs,
-    default_target: True

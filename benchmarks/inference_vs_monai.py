@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+
 from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
@@ -73,7 +74,8 @@ def ensure_monai() -> str:
                         "monai"], check=True)
         planned = [item["metadata"]["name"].lower() for item in json.load(open(report.name))["install"]]
     extra = ["--no-deps"] if "torch" in planned else []
-    print(f"installing monai ({'without dependencies: pip would replace torch' if extra else 'pip plans ' + ', '.join(planned)})")
+    plans = "without dependencies: pip would replace torch" if extra else "pip plans " + ", ".join(planned)
+    print(f"installing monai ({plans})")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *extra, "monai"], check=True)
     importlib.invalidate_caches()
     return importlib.import_module("monai").__version__
@@ -122,7 +124,8 @@ def prepare(work: Path, config: dict) -> tuple[list[dict], dict]:
     from msdseg.archive import safe_extract
     from msdseg.decathlon import read_dataset_json
     from msdseg.manifest import build_manifest
-    from msdseg.resample import make_plan, resample_subject
+    from msdseg.plan import make_plan
+    from msdseg.resample import resample_subject
 
     task_dir = safe_extract(ARCHIVE, work / "raw")
     dataset = read_dataset_json(task_dir)
@@ -286,7 +289,8 @@ def large_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"method": args.large_worker, "seconds": seconds, "runtime_rss_mb": runtime,
                       "with_input_rss_mb": baseline, "peak_rss_mb": peak,
                       "peak_over_probabilities": peak * 2**20 / (3 * np.prod(args.large_shape) * 4),
-                      "above_runtime_over_probabilities": (peak - runtime) * 2**20 / (3 * np.prod(args.large_shape) * 4)}))
+                      "above_runtime_over_probabilities":
+                          (peak - runtime) * 2**20 / (3 * np.prod(args.large_shape) * 4)}))
 
 
 def large_table(args: argparse.Namespace, model_path: Path, work: Path) -> pd.DataFrame:
@@ -299,7 +303,8 @@ def large_table(args: argparse.Namespace, model_path: Path, work: Path) -> pd.Da
         nib.save(nib.Nifti1Image(volume, np.eye(4)), str(work / "large" / "large.nii"))
         shifted = np.eye(4)
         shifted[:3, 3] = 0.5  # the "original" grid: same size, half a voxel off, so resampling runs
-        nib.save(nib.Nifti1Image(np.zeros(args.large_shape, dtype=np.int16), shifted), str(work / "large" / "original.nii"))
+        nib.save(nib.Nifti1Image(np.zeros(args.large_shape, dtype=np.int16), shifted),
+                 str(work / "large" / "original.nii"))
         del volume
         methods += ["predict_subject", "predict_subject_resampled"]
     rows = []
@@ -362,6 +367,7 @@ def main() -> None:
         return
 
     from msdseg.config import load_config
+    from msdseg.decathlon import foreground_labels
     from msdseg.model import UNet, load_model, save_model
 
     monai_version = ensure_monai()
@@ -381,7 +387,7 @@ def main() -> None:
             print(f"prepared {len(rows)} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
             model_path = args.model or quick_model(rows, plan, config, work, args.train_minutes, args.threads)
             model, meta = load_model(model_path, args.device)
-            labels = {int(k): v for k, v in meta["labels"].items() if int(k) != 0}
+            labels = foreground_labels(meta["labels"])
             cases = load_cases(rows[: args.subjects] if args.subjects else rows, plan)
             with torch.inference_mode():
                 small = hippocampus_table(model, cases, labels, args.batch_size, args.device)

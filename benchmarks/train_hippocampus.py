@@ -33,27 +33,32 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # only effective before tor
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
+import yaml  # noqa: E402
 
+from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
 from msdseg.archive import safe_extract  # noqa: E402
-from msdseg.config import load_config  # noqa: E402
+from msdseg.config import layered_config  # noqa: E402
 from msdseg.data import IMAGE, make_loader, make_queue, mirror_axes, subjects_from_paths  # noqa: E402
-from msdseg.decathlon import read_dataset_json  # noqa: E402
+from msdseg.decathlon import foreground_labels, read_dataset_json  # noqa: E402
+from msdseg.inference import cpu_has_native_bf16  # noqa: E402
 from msdseg.manifest import build_manifest  # noqa: E402
 from msdseg.metrics import evaluate_subject  # noqa: E402
+from msdseg.plan import make_plan  # noqa: E402
+from msdseg.planner import PLANNED_KEYS, DeviceSpec, Fingerprint, apply_plan, plan_training, torch_probe  # noqa: E402
 from msdseg.predict import predict_subject  # noqa: E402
-from msdseg.resample import make_plan, resample_subject  # noqa: E402
+from msdseg.resample import resample_subject  # noqa: E402
 from msdseg.train import train  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 
 
-def prepare(work: Path, config: dict) -> tuple[list[dict], dict, dict[int, str]]:
+def prepare(work: Path, config: dict) -> tuple[list[dict], dict, dict[int, str], Fingerprint]:
     """Extract, manifest, plan, resample: the workflow's data stages through the package."""
     task_dir = safe_extract(ARCHIVE, work / "raw")
     dataset = read_dataset_json(task_dir)
     manifest, _ = build_manifest(dataset, n_folds=config["manifest"]["n_folds"], seed=config["seed"])
     plan = make_plan(manifest, dataset, config["preprocess"], config["task"])
+    fingerprint = Fingerprint.from_manifest(manifest, plan)
     rows = []
     for row in manifest[manifest["role"] == "train"].itertuples():
         image = work / "resampled" / "imagesTr" / f"{row.subject}.nii.gz"
@@ -61,12 +66,24 @@ def prepare(work: Path, config: dict) -> tuple[list[dict], dict, dict[int, str]]
         resample_subject(row.image, image, plan, label_in=row.label, label_out=label)
         rows.append({"subject": row.subject, "image": str(image), "label": str(label),
                      "raw_image": str(row.image), "raw_label": str(row.label)})
-    return rows, plan, {int(k): v for k, v in plan["labels"].items() if int(k) > 0}
+    return rows, plan, foreground_labels(plan["labels"]), fingerprint
+
+
+def planned_config(config: dict, chosen: dict, fingerprint: Fingerprint, threads: int, minutes: float) -> dict:
+    """The workflow's plan_training on this machine: the config with every planned key filled."""
+    user = {key: value for key, value in chosen.items() if key in PLANNED_KEYS}
+    native_bf16 = cpu_has_native_bf16()
+    precision = user.get("train.precision", "bf16" if native_bf16 else "fp32")
+    probe = torch_probe(fingerprint, torch.device("cpu"), precision)
+    training = plan_training(fingerprint, DeviceSpec("cpu", threads=threads), minutes, user, probe=probe,
+                             n_folds=config["manifest"]["n_folds"], cpu_native_bf16=native_bf16)
+    print(training.table(), flush=True)
+    return apply_plan(config, training.as_dict())
 
 
 def queue_rate(rows: list[dict], plan: dict, config: dict, seconds: float) -> float:
     """Patches per second the queue delivers with no model running (its capacity)."""
-    queue = make_queue(subjects_from_paths(rows), plan, config)
+    queue = make_queue(subjects_from_paths(rows), plan, config["train"], config["model"]["spatial_dims"])
     loader = make_loader(queue, config["train"]["batch_size"])
     patches, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -107,18 +124,28 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=None,
                         help="shuffle for the held-out/validation/training split (default: the config's seed)")
     parser.add_argument("--queue-seconds", type=float, default=20.0)
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=None, help="force a 2D or 3D plan")
+    parser.add_argument("--no-plan", action="store_true", help="train with the config as it is (a full preset)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temporary folder)")
     args = parser.parse_args()
 
-    config = load_config(args.config)
+    with open(args.config) as handle:
+        raw = yaml.safe_load(handle) or {}
     if args.minutes is not None:
-        config["train"]["max_minutes"] = args.minutes
+        raw.setdefault("train", {})["max_minutes"] = args.minutes
+    if args.dims is not None:
+        raw.setdefault("model", {})["spatial_dims"] = args.dims
+    config, chosen = layered_config(raw)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="msdseg-bench-") as tmp:
         work = args.workdir or Path(tmp)
         t0 = time.perf_counter()
-        rows, plan, labels = prepare(work, config)
+        rows, plan, labels, fingerprint = prepare(work, config)
         prepare_s = time.perf_counter() - t0
+        if not args.no_plan:
+            # the held-out cases are not the planner's to see: plan on the rest (its fold count as given)
+            config = planned_config(config, chosen, fingerprint, args.threads,
+                                    float(config["train"]["max_minutes"]) / args.models)
         order = list(rows)
         split_seed = config["seed"] if args.split_seed is None else args.split_seed
         random.Random(split_seed).shuffle(order)
@@ -161,8 +188,12 @@ def main() -> None:
         "data_wait_share": round(float(log["data_wait_s"].sum() / log["seconds_per_step"].sum()), 4),
         "data_wait_share_steady": round(float(steady["data_wait_s"].sum() / steady["seconds_per_step"].sum()), 4),
         "validation_s": round(train_s - float(log["seconds_per_step"].sum()), 1),
-        "mirror_axes": list(mirror_axes(config)), "tta": bool(config["infer"]["tta"]),
+        "mirror_axes": list(mirror_axes(config["train"]["augmentation"], config["model"]["spatial_dims"])),
+        "tta": bool(config["infer"]["tta"]),
         "threads": args.threads, "torch": torch.__version__,
+        "seconds_per_step_median": round(float(log["seconds_per_step"].median()), 4),
+        "patch_size": list(config["train"]["patch_size"]), "base_channels": config["model"]["base_channels"],
+        "spatial_dims": config["model"]["spatial_dims"], "precision": config["train"]["precision"],
         "last_val_dice": [{name: float(member[f"val_dice_{name}"].dropna().iloc[-1]) for name in labels.values()}
                           for member in logs],
     }

@@ -1,6 +1,6 @@
 """Subjects, preprocessing, augmentation and the patch queue (torchio).
 
-Training transform per subject: ``preprocessing(plan)`` -> ``augmentation(config)`` ->
+Training transform per subject: ``preprocessing(plan)`` -> ``augmentation(train.augmentation)`` ->
 :class:`PadToAtLeast` (patch size). Validation and inference apply ``preprocessing(plan)`` only
 and pad in :func:`msdseg.inference.predict_probabilities` with the same :class:`PadToAtLeast`,
 so the model sees the same padding (zeros after normalisation = the mean intensity) both ways.
@@ -16,8 +16,8 @@ import torch
 import torchio as tio
 from torch.utils.data import DataLoader, Sampler
 
-from msdseg.config import ConfigError
-from msdseg.errors import SubjectError
+from msdseg.decathlon import int_keys
+from msdseg.errors import ConfigError, SubjectError
 
 IMAGE = "image"
 LABEL = "label"
@@ -31,12 +31,24 @@ class ZScore(tio.IntensityTransform):
     ``tio.ZNormalization`` pools them; for one channel both are the same. Unlike torchio's, no
     mask selects the voxels: torchio indexes with a boolean mask even when it is every voxel, and
     on a 512x512x400 CT that indexing builds about 3 GB of int64 indices for a 0.4 GB image.
+
+    ``nonzero=True`` (nnU-Net's scheme where the background is exactly 0, as in skull-stripped
+    BrainTumour MRI): statistics over the non-zero voxels of each channel, and the background
+    stays 0, so the background's share of a volume does not set the brain's intensities.
     """
+
+    def __init__(self, nonzero: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nonzero = nonzero
+        self.args_names = ["nonzero"]
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images_dict(subject).values():
             data = image.data.to(torch.float32, copy=True)
             for index, channel in enumerate(data):
+                if self.nonzero:
+                    self._zscore_nonzero(channel)
+                    continue
                 mean, std = channel.mean(), channel.std()
                 if not bool(std > 0):
                     raise SubjectError(str(subject.get("subject", "?")), str(image.path),
@@ -45,6 +57,14 @@ class ZScore(tio.IntensityTransform):
                 channel.sub_(mean).div_(std)
             image.set_data(data)
         return subject
+
+    @staticmethod
+    def _zscore_nonzero(channel: torch.Tensor) -> None:
+        mask = channel != 0
+        values = channel[mask]
+        if values.numel() < 2 or not bool(values.std() > 0):
+            return  # an empty or constant channel stays as it is (all background)
+        channel[mask] = (values - values.mean()) / values.std()
 
 
 def preprocessing(plan: Mapping[str, Any], copy: bool = True) -> tio.Transform:
@@ -72,31 +92,34 @@ def preprocessing(plan: Mapping[str, Any], copy: bool = True) -> tio.Transform:
         ], copy=copy)
     if method == "zscore":
         return ZScore(include=[IMAGE], copy=copy)
+    if method == "zscore_nonzero":
+        return ZScore(nonzero=True, include=[IMAGE], copy=copy)
     if method == "none":
         return tio.Compose([], copy=copy)
-    raise ConfigError(f"plan.json: unknown normalization {method!r}; use ct, zscore or none.")
+    raise ConfigError(f"plan.json: unknown normalization {method!r}; use ct, zscore, zscore_nonzero or none.")
 
 
-def mirror_axes(config: Mapping[str, Any]) -> tuple[int, ...]:
-    """Spatial axes mirrored in training (and so in test-time augmentation); 2D never mirrors z."""
-    options = config["train"]["augmentation"]
+def mirror_axes(options: Mapping[str, Any], spatial_dims: int) -> tuple[int, ...]:
+    """Spatial axes mirrored in training (and so in test-time augmentation); 2D never mirrors z.
+
+    ``options`` is the ``train.augmentation`` section.
+    """
     if not options["flip"]:
         return ()
     axes = options.get("flip_axes", (0, 1, 2))
-    return tuple(sorted(int(a) for a in axes if not (config["model"]["spatial_dims"] == 2 and int(a) == 2)))
+    return tuple(sorted(int(a) for a in axes if not (spatial_dims == 2 and int(a) == 2)))
 
 
-def augmentation(config: Mapping[str, Any]) -> tio.Transform:
+def augmentation(options: Mapping[str, Any], spatial_dims: int) -> tio.Transform:
     """Random spatial and intensity augmentation after normalisation (nnU-Net-like strengths).
 
     Intensity changes touch the image only (not a weighted sampler's sampling_map).
 
     2D models (``model.spatial_dims: 2``) rotate, scale and flip in-plane only.
     """
-    options = config["train"]["augmentation"]
-    planar = config["model"]["spatial_dims"] == 2
+    planar = spatial_dims == 2
     transforms: list[tio.Transform] = []
-    axes = mirror_axes(config)
+    axes = mirror_axes(options, spatial_dims)
     if axes:
         transforms.append(tio.RandomFlip(axes=axes, flip_probability=0.5))
     if options["affine"]:
@@ -186,14 +209,14 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def training_transform(plan: Mapping[str, Any], config: Mapping[str, Any]) -> tio.Transform:
+def training_transform(plan: Mapping[str, Any], cfg_train: Mapping[str, Any], spatial_dims: int) -> tio.Transform:
     """preprocessing -> augmentation -> pad to the patch (the order matters, see module doc)."""
-    return tio.Compose([preprocessing(plan), augmentation(config), PadToAtLeast(config["train"]["patch_size"])])
+    return tio.Compose([preprocessing(plan), augmentation(cfg_train["augmentation"], spatial_dims),
+                        PadToAtLeast(cfg_train["patch_size"])])
 
 
-def make_sampler(config: Mapping[str, Any]) -> tio.data.PatchSampler:
-    """The patch sampler named by ``train.sampler``."""
-    train = config["train"]
+def make_sampler(train: Mapping[str, Any]) -> tio.data.PatchSampler:
+    """The patch sampler named by ``train.sampler`` (``train`` is the config's train section)."""
     patch = tuple(int(p) for p in train["patch_size"])
     if train["sampler"] == "uniform":
         return tio.UniformSampler(patch)
@@ -201,7 +224,7 @@ def make_sampler(config: Mapping[str, Any]) -> tio.data.PatchSampler:
         return tio.WeightedSampler(patch, probability_map=SAMPLING_MAP)
     probabilities = train.get("label_probabilities")
     if probabilities is not None:
-        probabilities = {int(label): float(p) for label, p in probabilities.items()}
+        probabilities = {label: float(p) for label, p in int_keys(probabilities).items()}
         if sum(probabilities.values()) <= 0:
             raise ConfigError("config key 'train.label_probabilities': at least one probability must be > 0.")
     return SafeLabelSampler(patch, label_name=LABEL, label_probabilities=probabilities)
@@ -235,16 +258,16 @@ class EpochQueue(tio.Queue):
         return subject
 
 
-def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config: Mapping[str, Any],
-               subject_sampler: Sampler | None = None, transform: tio.Transform | None = None,
+def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], train: Mapping[str, Any],
+               spatial_dims: int, subject_sampler: Sampler | None = None, transform: tio.Transform | None = None,
                first_epoch: int = 0) -> tio.Queue:
     """The training patch queue (torchio): workers load and augment subjects, the main process samples.
 
     ``subject_sampler`` (e.g. ``DistributedSampler``) replaces subject shuffling for DDP; the queue
     is then an :class:`EpochQueue`, which calls its ``set_epoch`` at each pass over the subjects
-    (from ``first_epoch``). ``transform`` defaults to :func:`training_transform`.
+    (from ``first_epoch``). ``transform`` defaults to :func:`training_transform`. ``train`` is the
+    config's train section.
     """
-    train = config["train"]
     for subject in subjects:
         if LABEL not in subject:
             raise SubjectError(subject["subject"], str(subject[IMAGE].path),
@@ -254,7 +277,7 @@ def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config:
                                "train.sampler 'weighted' needs a 'sampling_map' path per subject; "
                                "add the column or use train.sampler: label.")
     if transform is None:  # (an empty tio.Compose is falsy: test for None)
-        transform = training_transform(plan, config)
+        transform = training_transform(plan, train, spatial_dims)
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
     samples = int(train["samples_per_volume"])
     extra: dict[str, Any] = {"first_epoch": first_epoch} if subject_sampler is not None else {}
@@ -262,7 +285,7 @@ def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], config:
         dataset,
         max_length=max(int(train["queue_length"]), samples),
         samples_per_volume=samples,
-        sampler=make_sampler(config),
+        sampler=make_sampler(train),
         subject_sampler=subject_sampler,
         num_workers=int(train["num_workers"]),
         shuffle_subjects=subject_sampler is None,

@@ -2,7 +2,11 @@
 
 
 class MsdsegError(Exception):
-    """Base class of the errors msdseg raises on purpose."""
+    """Base class of the errors msdseg raises on purpose (except ConfigError, a ValueError)."""
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what to do."""
 
 
 class DownloadError(MsdsegError):

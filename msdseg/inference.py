@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,26 +20,20 @@ import torch.nn.functional as F
 import torchio as tio
 from torch import nn
 
+from msdseg.config import check_overlap
 from msdseg.data import IMAGE, PadToAtLeast
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed-precision dtype for ``precision`` (auto/fp32/bf16/fp16); None = full fp32.
 
-    CUDA: ``auto`` picks bf16 where the GPU supports it (no loss scaling needed), else fp16.
-    CPU: only an explicit ``bf16`` turns autocast on, and only where the CPU computes bf16
-    natively (AVX512-BF16 or AMX: about 1.4x faster 3D U-Net steps on a Zen 4 core); elsewhere it
-    is emulated and slower than fp32, so CPUs run fp32 then, as they do for ``auto`` and ``fp16``.
+    :func:`msdseg.devices.resolve_precision`, the one place that decides (kept under this name
+    for its callers): CUDA ``auto`` = bf16 where the GPU has bf16 units, else fp16; ``bf16`` on a
+    GPU without them is a ConfigError; CPUs run fp32 except an explicit ``bf16`` on native bf16.
     """
-    if precision == "fp32":
-        return None
-    if device.type == "cpu":
-        return torch.bfloat16 if precision == "bf16" and cpu_has_native_bf16() else None
-    if device.type != "cuda":
-        return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+    from msdseg.devices import resolve_precision
+
+    return resolve_precision(precision, device)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -52,6 +47,23 @@ def cpu_has_native_bf16() -> bool:
 def default_overlap(patch_size: Sequence[int]) -> tuple[int, int, int]:
     """Half the patch on each axis, rounded down to an even number (torchio needs even overlaps)."""
     return tuple(int(p) // 2 - (int(p) // 2) % 2 for p in patch_size)  # type: ignore[return-value]
+
+
+def grid_overlap(infer: Mapping[str, Any], patch_size: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(patch, overlap) of the sliding window for the ``infer`` config section and a model's training patch.
+
+    The patch is ``infer.patch_size``, else ``patch_size``; the overlap is ``infer.overlap``, else
+    :func:`default_overlap`. An axis of patch size 1 (z of a 2D model) gets no overlap, so an
+    overlap set for 3D patches also serves a 2D model. The overlap is then checked against the
+    patch actually used (:func:`msdseg.config.check_overlap`, ConfigError naming infer.overlap).
+    """
+    patch = [int(v) for v in (infer.get("patch_size") or patch_size)]
+    overlap = infer.get("overlap")
+    if overlap is None:
+        overlap = default_overlap(patch)
+    overlap = [0 if size == 1 else int(lap) for size, lap in zip(patch, overlap)]
+    check_overlap(overlap, patch)
+    return patch, overlap
 
 
 def _flip_sets(tta: bool | Sequence[int], spatial_dims: int) -> list[tuple[int, ...]]:
@@ -123,7 +135,9 @@ class LeanGridAggregator(tio.GridAggregator):
         return output
 
 
-def grid_batches(volume: torch.Tensor, locations: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def grid_batches(
+    volume: torch.Tensor, locations: np.ndarray, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(patches (B, C, *patch), locations (B, 6)) at a torchio GridSampler's locations, in order.
 
     Iterating the GridSampler itself builds a cropped ``tio.Subject`` per patch and a DataLoader

@@ -34,3 +34,17 @@ def job_log(log_file: str | os.PathLike[str] | None) -> Iterator[logging.Logger]
             logger.exception("job failed")
             print(f"msdseg: {type(error).__name__}: {error}  (log: {log_file})", file=console)
             raise
+
+
+def say(message: str, name: str = "msdseg.train") -> None:
+    """A message for the job log: logging when configured (:func:`job_log`), else stderr.
+
+    tqdm.write keeps a progress bar on stderr intact.
+    """
+    logger = logging.getLogger(name)
+    if logger.hasHandlers() and logger.isEnabledFor(logging.INFO):
+        logger.info(message)
+    else:
+        from tqdm import tqdm  # here: a resampling job's start-up need not import it
+
+        tqdm.write(f"[{name}] {message}", file=sys.stderr)

@@ -21,7 +21,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from msdseg import io
-from msdseg.decathlon import DatasetInfo, SubjectFiles
+from msdseg.decathlon import DatasetInfo, SubjectFiles, label_map
 from msdseg.errors import DatasetError, SubjectError
 
 ON_INVALID = ("error", "skip")
@@ -36,6 +36,7 @@ STAT_COLUMNS = (
     "fg_std",
     "fg_p00_5",
     "fg_p99_5",
+    "zero_fraction",
 )
 EXCLUDED_COLUMNS = ["subject", "role", "file", "reason"]
 
@@ -46,7 +47,7 @@ _MAX_LISTED = 20  # label values shown in a message
 
 def manifest_columns(labels: Mapping[int, str] | Sequence[int]) -> list[str]:
     """The fixed column order of manifest.csv for a dataset's labels (``voxels_<label value>``)."""
-    voxel_columns = [f"voxels_{int(key)}" for key in sorted(int(k) for k in labels)]
+    voxel_columns = [f"voxels_{key}" for key in sorted(int(k) for k in labels)]
     return [
         "subject",
         "role",
@@ -237,8 +238,7 @@ def _label_array(label: sitk.Image) -> np.ndarray:
     if label.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"a label map must have one value per voxel, got {label.GetNumberOfComponentsPerPixel()}")
     array = io.xyz_view(label)
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
+    array = array.reshape(io.label_shape(array.shape))
     if array.ndim != 3:
         raise ValueError(f"a label map must be 3D, got size {tuple(label.GetSize())}")
     return array
@@ -262,9 +262,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
                 f"label has {label_scan.n_nan} NaN and {label_scan.n_inf} infinite voxel(s)",
                 "relabel the file with the dataset.json label values",
             )
-        label_size = tuple(label_header.GetSize())
-        if label_header.GetDimension() == 4 and label_size[3] == 1:
-            label_size = label_size[:3]
+        label_size = io.label_shape(label_header.GetSize())
         if label_size != image_geometry.size:
             raise _Invalid(
                 label_path,
@@ -301,6 +299,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
     whole, foreground = _Moments(), _Moments()
     fg_values: list[np.ndarray] = []
     value_counts: Counter = Counter()
+    zeros = 0  # voxels exactly 0 in channel 0: a zero background (skull-stripped MRI) wants masked z-scores
     size = image_geometry.size
     for z in _slabs(size[2], size[0] * size[1]):
         if floating and not np.isfinite(voxels[:, :, z]).all():  # non-NIfTI formats keep NaN in SimpleITK
@@ -308,6 +307,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
                 image_path, int(np.count_nonzero(np.isnan(voxels))), int(np.count_nonzero(np.isinf(voxels)))
             )
         whole.add(first[:, :, z])
+        zeros += int(np.count_nonzero(first[:, :, z] == 0))
         if label_voxels is not None:
             label_slab = label_voxels[:, :, z]
             value_counts.update(_label_value_counts(label_slab))
@@ -315,7 +315,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
             foreground.add(inside)
             fg_values.append(inside)
     if label_voxels is not None:
-        allowed = {int(k) for k in labels}
+        allowed = set(labels)
         unknown = sorted(
             (v for v in value_counts if not (isinstance(v, int) and v in allowed)), key=lambda v: float(v)
         )
@@ -356,9 +356,10 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
         "fg_std": fg_std,
         "fg_p00_5": p_low,
         "fg_p99_5": p_high,
+        "zero_fraction": zeros / max(int(np.prod(size)), 1),
     }
     for key in labels:
-        row[f"voxels_{int(key)}"] = int(value_counts.get(int(key), 0)) if files.label is not None else pd.NA
+        row[f"voxels_{key}"] = int(value_counts.get(key, 0)) if files.label is not None else pd.NA
     return row
 
 
@@ -382,7 +383,7 @@ def build_manifest(
     """
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
-    labels = dict(sorted((int(k), str(v)) for k, v in dataset.labels.items()))
+    labels = label_map(dataset.labels)
     seen = Counter(s.subject for s in dataset.subjects)
     duplicates = sorted(s for s, n in seen.items() if n > 1)
     if duplicates:

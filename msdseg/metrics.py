@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from msdseg.decathlon import subject_id
+from msdseg.decathlon import foreground_labels, subject_id
 from msdseg.errors import SubjectError
 from msdseg.io import read_label_volume
 
@@ -219,9 +219,7 @@ def evaluate_subject(
             "predictions must be written in the original geometry (rerun the infer rule).",
         )
     rows = []
-    for key, name in sorted(((int(k), str(v)) for k, v in labels.items())):
-        if key == 0:
-            continue
+    for key, name in foreground_labels(labels).items():
         rows.append(
             {
                 "subject": subject,

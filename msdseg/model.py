@@ -11,7 +11,8 @@ multiples waste nothing, so presets should prefer them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def _norm(kind: str, channels: int, spatial_dims: int) -> nn.Module:
 class ConvBlock(nn.Sequential):
     """(conv, norm, LeakyReLU) twice; the first conv may stride to downsample (as nnU-Net)."""
 
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, norm: str, stride: int = 1,
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, norm: str, stride: int | tuple[int, ...] = 1,
                  dropout: float = 0.0) -> None:
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         layers: list[nn.Module] = [
@@ -71,7 +72,7 @@ class UNet(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, base_channels: int = 16,
                  depth: int = 4, norm: str = "instance", dropout: float = 0.0,
-                 deep_supervision: bool = False) -> None:
+                 deep_supervision: bool = False, strides: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ModelError(f"model.spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -81,19 +82,27 @@ class UNet(nn.Module):
             "depth": int(depth), "norm": str(norm), "dropout": float(dropout),
             "deep_supervision": bool(deep_supervision),
         }
+        if strides is not None:  # per level and axis (x, y, z): anisotropic data pools in-plane first
+            if len(strides) != depth:
+                raise ModelError(f"model.strides: {len(strides)} levels for depth {depth}; "
+                                 "give one [x, y, z] per level.")
+            self.hparams["strides"] = [[int(k) for k in level] for level in strides]
         self.spatial_dims = spatial_dims
         self.depth = depth
+        self.strides = [tuple(level[:spatial_dims]) for level in strides] if strides is not None \
+            else [(2,) * spatial_dims] * depth
         widths = [min(base_channels * 2**level, MAX_CHANNELS) for level in range(depth + 1)]
         self.encoder = nn.ModuleList([ConvBlock(spatial_dims, in_channels, widths[0], norm)])
         for level in range(1, depth + 1):
             bottleneck_dropout = dropout if level == depth else 0.0
             self.encoder.append(ConvBlock(spatial_dims, widths[level - 1], widths[level], norm,
-                                          stride=2, dropout=bottleneck_dropout))
+                                          stride=_stride(self.strides[level - 1]), dropout=bottleneck_dropout))
         up = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for level in range(depth, 0, -1):
-            self.upsample.append(up(widths[level], widths[level - 1], 2, stride=2))
+            stride = _stride(self.strides[level - 1])
+            self.upsample.append(up(widths[level], widths[level - 1], stride, stride=stride))
             self.decoder.append(ConvBlock(spatial_dims, 2 * widths[level - 1], widths[level - 1], norm))
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.head = conv(widths[0], out_channels, 1)
@@ -119,8 +128,8 @@ class UNet(nn.Module):
             # slices are independent samples: (B, C, x, y, z) -> (B*z, C, x, y)
             x = x.permute(0, 4, 1, 2, 3).reshape(batch * sz, x.shape[1], sx, sy)
         spatial = x.shape[2:]
-        multiple = 2**self.depth
-        pad = [(-size) % multiple for size in spatial]
+        multiples = [math.prod(level[axis] for level in self.strides) for axis in range(self.spatial_dims)]
+        pad = [(-size) % multiple for size, multiple in zip(spatial, multiples)]
         if any(pad):
             # F.pad lists the last axis first: (z_lo, z_hi, y_lo, y_hi, x_lo, x_hi)
             x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
@@ -139,12 +148,18 @@ class UNet(nn.Module):
             outputs += [head(decoded[-1 - k]) for k, head in enumerate(self.deep_heads, start=1)]
         results = []
         for k, out in enumerate(outputs):
-            size = [-(-s // 2**k) for s in spatial]  # ceil: the coarse grid of the unpadded input
+            factors = [math.prod(level[axis] for level in self.strides[:k]) for axis in range(self.spatial_dims)]
+            size = [-(-s // f) for s, f in zip(spatial, factors)]  # ceil: the coarse grid of the unpadded input
             out = out[(slice(None), slice(None), *(slice(0, s) for s in size))]
             if self.spatial_dims == 2:
                 out = out.reshape(batch, sz, out.shape[1], *size).permute(0, 2, 3, 4, 1)
             results.append(out)
         return results if len(results) > 1 else results[0]
+
+
+def _stride(level: Sequence[int]) -> int | tuple[int, ...]:
+    """A conv stride: the plain int 2 where every axis pools (the layers of models saved before strides)."""
+    return 2 if all(k == 2 for k in level) else tuple(int(k) for k in level)
 
 
 def save_model(path: str | Path, model: UNet, meta: Mapping[str, Any]) -> None:

@@ -16,11 +16,13 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from msdseg.decathlon import label_map  # noqa: E402
 from msdseg.io import atomic_path  # noqa: E402
 
 _DPI = 100
@@ -173,8 +175,6 @@ def overlay_cases(
 
 def _canonical(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Voxel data reoriented to the closest RAS axes so 'axial' means the same for every file."""
-    import nibabel as nib
-
     image = nib.as_closest_canonical(nib.load(str(path)))
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4:
@@ -254,7 +254,7 @@ def plot_overlays(
         row[0].set_ylabel(case.title or case.subject, fontsize=9)
     handles = [Line2D([], [], color="black", linestyle="solid", label="reference"),
                Line2D([], [], color="black", linestyle="dashed", label="prediction")]
-    names = {int(k): str(v) for k, v in (class_names or {}).items()}
+    names = label_map(class_names)
     handles += [Line2D([], [], color=_COLORS[label % len(_COLORS)], label=names.get(label, f"label {label}"))
                 for label in sorted(labels_seen)]
     figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8)

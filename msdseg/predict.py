@@ -1,6 +1,6 @@
 """Predict one subject with one model or a fold ensemble and write it in the original geometry.
 
-Steps: check that all checkpoints belong to the same task and fit the image -> intensity
+Steps: check that all checkpoints share labels and channels and fit the image -> intensity
 preprocessing of the model's plan (:func:`msdseg.data.preprocessing`) -> grid-aggregated
 probabilities on the resampled grid (:func:`msdseg.inference.predict_probabilities`), averaged
 over the models -> probabilities mapped onto the original grid, one class at a time, with a
@@ -12,36 +12,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import SimpleITK as sitk
 import torch
 
+from msdseg.data import IMAGE, preprocessing, subjects_from_paths
+from msdseg.decathlon import label_map, subject_id
 from msdseg.errors import ModelError, SubjectError
-from msdseg.io import read_image_header, spatial_geometry
-from msdseg.decathlon import subject_id
-from msdseg.io import read_label_volume, write_labels
-from msdseg.metrics import volume_ml
+from msdseg.inference import grid_overlap
+from msdseg.io import channel_count, read_image_header, spatial_geometry, write_labels
+from msdseg.model import load_model
+from msdseg.resample import channels_on_reference
 
 logger = logging.getLogger(__name__)
-
 
 
 # --------------------------------------------------------------------------- models
 
 
-def _labels_of(meta: Mapping[str, Any]) -> dict[int, str]:
-    return {int(key): str(value) for key, value in dict(meta.get("labels") or {}).items()}
-
-
 def _describe(meta: Mapping[str, Any]) -> str:
     hparams = meta.get("model", {})
-    return (f"labels {_labels_of(meta)}, {hparams.get('in_channels')} input channel(s), "
+    return (f"labels {label_map(meta.get('labels'))}, {hparams.get('in_channels')} input channel(s), "
             f"{hparams.get('out_channels')} output channel(s), task {meta.get('plan', {}).get('task')!r}")
 
 
@@ -54,13 +49,13 @@ def check_models(metas: Sequence[tuple[Path, Mapping[str, Any]]], image_path: Pa
     first_path, first = metas[0]
     for path, meta in metas:
         hparams = meta.get("model", {})
-        labels = _labels_of(meta)
+        labels = label_map(meta.get("labels"))
         if int(hparams.get("out_channels", -1)) != len(labels):
             raise ModelError(
                 f"{path}: {hparams.get('out_channels')} output channels but {len(labels)} labels "
                 f"{labels}; the checkpoint is inconsistent, retrain the fold."
             )
-        same_labels = labels == _labels_of(first)
+        same_labels = labels == label_map(first.get("labels"))
         same_channels = all(
             int(hparams.get(key, -1)) == int(first.get("model", {}).get(key, -2))
             for key in ("in_channels", "out_channels")
@@ -94,28 +89,8 @@ def tta_axes(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> bool | list[i
 
 
 def grid_settings(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-    """(patch size, overlap) for one model: config values, or the model's patch and half overlap.
-
-    The default overlap is half the patch rounded down to an even number (torchio's grid needs
-    even overlaps); an axis of patch size 1 (z of a 2D model) gets no overlap. A configured
-    overlap is checked against the patch actually used, which may be the model's own.
-    """
-    from msdseg.config import ConfigError
-    from msdseg.inference import default_overlap
-
-    patch = [int(v) for v in (infer.get("patch_size") or meta["patch_size"])]
-    overlap = infer.get("overlap")
-    if overlap is None:
-        overlap = default_overlap(patch)
-    overlap = [0 if size == 1 else int(lap) for size, lap in zip(patch, overlap)]
-    for axis, (size, lap) in enumerate(zip(patch, overlap)):
-        if lap >= size or lap % 2:
-            raise ConfigError(
-                f"config key 'infer.overlap': {list(overlap)} does not fit the patch {patch} on axis {axis} "
-                "(each overlap must be even and smaller than the patch); set infer.overlap to null "
-                "(half the patch) or choose a smaller one."
-            )
-    return patch, overlap
+    """(patch size, overlap) for one model: :func:`msdseg.inference.grid_overlap` with the model's patch."""
+    return grid_overlap(infer, meta["patch_size"])
 
 
 def _attempts(device: str, batch_size: int) -> list[tuple[str, int]]:
@@ -141,20 +116,26 @@ def predict_with_fallback(
     """:func:`msdseg.inference.predict_probabilities`, retried on out-of-GPU-memory.
 
     A shared GPU may be fuller than when the job was planned: a smaller batch, then the CPU,
-    finish the job slower instead of failing it.
+    finish the job slower instead of failing it. Every kind of allocation failure counts
+    (:func:`msdseg.devices.is_out_of_memory`: cuBLAS/cuDNN handles fail as plain RuntimeErrors);
+    any other error is raised at once.
     """
     from msdseg import inference
+    from msdseg.devices import is_out_of_memory, resolve_precision
 
+    precision = str(infer.get("precision", "auto"))
+    resolve_precision(precision, torch.device(device), key="infer.precision")  # a wrong one fails here, named
     tries = _attempts(device, int(infer.get("batch_size", 1)))
     for attempt, (where, batch_size) in enumerate(tries):
         try:
             model.to(where)
             return inference.predict_probabilities(
                 model, image, patch_size, overlap, batch_size, where,
-                overlap_mode=infer.get("overlap_mode", "hann"), tta=tta,
-                amp=str(infer.get("precision", "auto")),
+                overlap_mode=infer.get("overlap_mode", "hann"), tta=tta, amp=precision,
             )
-        except torch.cuda.OutOfMemoryError:
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if attempt + 1 == len(tries):
@@ -196,8 +177,6 @@ def labels_in_reference_geometry(
     One class at a time with a running maximum (identical to a full argmax, first class wins ties)
     keeps the memory at two reference-sized float32 volumes instead of n_classes.
     """
-    from msdseg.resample import channels_on_reference
-
     best: np.ndarray | None = None
     labels: np.ndarray | None = None
     for channel, values in enumerate(channels_on_reference(probabilities, source, reference)):
@@ -218,8 +197,6 @@ def labels_in_reference_geometry(
 
 
 def _read_image(image_path: Path) -> Any:
-    from msdseg.data import subjects_from_paths
-
     subject = subjects_from_paths([{"subject": subject_id(image_path), "image": str(image_path)}])[0]
     try:
         subject.load()
@@ -241,6 +218,17 @@ def _check_spacing(meta: Mapping[str, Any], source: sitk.ImageFileReader, image_
                        image_path, spacing.tolist(), model_path, list(target))
 
 
+Loaded = list[tuple[Path, torch.nn.Module, dict[str, Any]]]
+"""Models read once for a whole chunk: (model.pt path, network in eval mode, its meta)."""
+
+
+def load_models(model_paths: Sequence[str | Path]) -> Loaded:
+    """Read every model.pt once (on the CPU); a chunk predicts all its subjects with them."""
+    if not model_paths:
+        raise ModelError("no model given to predict with; train at least one fold.")
+    return [(Path(path), *load_model(path, "cpu")) for path in model_paths]
+
+
 def predict_subject(
     model_paths: Sequence[Path],
     image_path: Path,
@@ -254,16 +242,30 @@ def predict_subject(
 
     ``infer`` is the config section (patch_size, overlap, overlap_mode, batch_size, tta); several
     models average their probabilities (fold ensemble). The output is renamed into place only
-    when complete, so a killed job leaves nothing a rerun would accept.
+    when complete, so a killed job leaves nothing a rerun would accept. For many subjects, load
+    the models once: :func:`predict_chunk`.
     """
     if not model_paths:
         raise ModelError(f"no model given to predict {image_path}; train at least one fold.")
     torch.set_num_threads(max(int(threads), 1))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from msdseg.data import IMAGE, preprocessing
-    from msdseg.model import load_model
+    predict_loaded(load_models(model_paths), image_path, reference_path, out_path, infer, _device(device))
 
-    loaded = [(Path(path), *load_model(path, "cpu")) for path in model_paths]
+
+def _device(device: str | None) -> str:
+    from msdseg.devices import default_device
+
+    return device or str(default_device())
+
+
+def predict_loaded(
+    loaded: Loaded,
+    image_path: Path,
+    reference_path: Path,
+    out_path: Path,
+    infer: Mapping[str, Any],
+    device: str,
+) -> None:
+    """:func:`predict_subject` with models already loaded (:func:`load_models`): same steps, same bytes."""
     subject = _read_image(Path(image_path))
     check_models([(path, meta) for path, _, meta in loaded], Path(image_path), int(subject[IMAGE].data.shape[0]))
     source = _grid(Path(image_path))
@@ -299,13 +301,13 @@ def predict_subject(
                 summed += probabilities
             del probabilities
         model.to("cpu")
-    del prepared, loaded
+    del prepared
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     assert summed is not None
-    if len(model_paths) > 1:
+    if len(loaded) > 1:
         with torch.inference_mode():
-            summed /= len(model_paths)
+            summed /= len(loaded)
 
     labels = labels_in_reference_geometry(summed, source, reference)
     del summed
@@ -313,21 +315,173 @@ def predict_subject(
     logger.info("%s: wrote %s %s", name, out_path, labels.shape)
 
 
-# --------------------------------------------------------------------------- report helper
+# --------------------------------------------------------------------------- chunks
 
 
-def predicted_volumes(prediction_paths: Iterable[str | os.PathLike[str]], labels: Mapping[Any, str]) -> pd.DataFrame:
-    """Volume in mL of every foreground class per prediction (columns subject, label, class_name, volume_ml).
+class Item(NamedTuple):
+    """One prediction of a chunk: the resampled image, its original (the output grid), the output file."""
 
-    For the test list, which has no reference to score against: volumes at least show whether a
-    prediction is plausible (an empty or an exploded structure stands out).
+    name: str
+    image: Path
+    reference: Path
+    out: Path
+
+
+def _in_chunk(error: Exception, name: str, path: Path, n: int) -> Exception:
+    """``error`` as the exception that names the failed subject and what happens to its chunk."""
+    from msdseg.chunks import failed_in_chunk
+
+    note = failed_in_chunk(name, n)
+    if isinstance(error, SubjectError):
+        return SubjectError(error.subject, error.path, f"{error.problem} {note}")
+    if isinstance(error, ModelError):
+        return ModelError(f"{name}: {error} {note}")
+    return SubjectError(name, str(path), f"prediction failed ({type(error).__name__}: {error}) {note}")
+
+
+def predict_chunk(
+    model_paths: Sequence[str | Path],
+    items: Sequence[Item],
+    infer: Mapping[str, Any],
+    device: str | None = None,
+    threads: int = 1,
+) -> float:
+    """Predict every item with the same models, loaded once; return the seconds of work.
+
+    The predictions are those of :func:`predict_subject` for each item alone, byte for byte. A
+    failing item raises naming it (its chunk is then redone as a whole by the workflow).
     """
-    rows = []
-    classes = sorted((int(k), str(v)) for k, v in labels.items() if int(k) != 0)
-    for path in prediction_paths:
-        data, _, spacing = read_label_volume(path)
-        for key, class_name in classes:
-            rows.append({"subject": subject_id(path), "label": key, "class_name": class_name,
-                         "volume_ml": volume_ml(data, key, spacing)})
-    frame = pd.DataFrame(rows, columns=["subject", "label", "class_name", "volume_ml"])
-    return frame.sort_values(["subject", "label"], kind="stable").reset_index(drop=True)
+    import time
+
+    from msdseg.chunks import work_line
+
+    torch.set_num_threads(max(int(threads), 1))
+    device = _device(device)
+    loaded = load_models(model_paths)
+    work = 0.0
+    for item in items:
+        start = time.perf_counter()
+        try:
+            predict_loaded(loaded, item.image, item.reference, item.out, infer, device)
+        except Exception as error:
+            raise _in_chunk(error, item.name, item.image, len(items)) from error
+        seconds = time.perf_counter() - start
+        work += seconds
+        logger.info("%s: predicted in %.3f s", item.name, seconds)
+    logger.info(work_line(len(items), work))
+    return work
+
+
+# --------------------------------------------------------------------------- new images (predict_folder)
+
+_RESAMPLING_KEYS = ("target_spacing", "inplane_size", "image_interpolation", "clip")
+
+
+def resampling_plan(loaded: Loaded) -> dict[str, Any]:
+    """The plan new images are resampled with: the models' own (model.pt), which must agree on the grid."""
+    first_path, _, first = loaded[0]
+    plan = dict(first.get("plan") or {})
+    for path, _, meta in loaded[1:]:
+        other = meta.get("plan") or {}
+        differing = [key for key in _RESAMPLING_KEYS if other.get(key) != plan.get(key)]
+        if differing:
+            raise ModelError(
+                f"{path} and {first_path} resample differently ({', '.join(differing)}); an ensemble needs the "
+                "models of one run: predict with one run's folds."
+            )
+    return plan
+
+
+def _header(path: str) -> sitk.ImageFileReader:
+    try:
+        return read_image_header(path)
+    except OSError as error:
+        raise SubjectError(subject_id(path), path, f"{error}; replace the file") from error
+
+
+def case_channels(files: Sequence[str], name: str) -> int:
+    """Input channels of a case, after checking its files' dimensionality (and that channel files share a grid)."""
+    headers = [_header(path) for path in files]
+    for path, header in zip(files, headers):
+        dimension = header.GetDimension()
+        allowed = (3, 4) if len(files) == 1 else (3,)
+        if dimension not in allowed:
+            what = "a 3D volume or a 4D (x, y, z, channel) image" if len(files) == 1 else "3D (one file per channel)"
+            raise SubjectError(name, path, f"is a {dimension}D image (size {tuple(header.GetSize())}); the models "
+                               f"take {what}: give 3D/4D NIfTI images")
+    if len(files) == 1:
+        return channel_count(headers[0])
+    first = spatial_geometry(headers[0])
+    for path, header in zip(files[1:], headers[1:]):
+        if not spatial_geometry(header).same_as(first):
+            raise SubjectError(name, path, f"is not on the voxel grid of {files[0]} (channel 0); "
+                               "all channel files of a case need one grid")
+    return len(files)
+
+
+def check_cases(loaded: Loaded, cases: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Every case of a chunk fits the models (dimensionality, channels); one error listing all that do not."""
+    metas = [(path, meta) for path, _, meta in loaded]
+    problems = []
+    for name, files in cases:
+        try:
+            check_models(metas, Path(files[0]), case_channels(files, name))
+        except (ModelError, SubjectError) as error:
+            problems.append(f"{name} ({files[0]}): {error}")
+    if problems:
+        raise ModelError(
+            f"{len(problems)} image(s) do not fit the models, nothing of this chunk was predicted:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def predict_cases(
+    model_paths: Sequence[str | Path],
+    cases: Sequence[tuple[str, Sequence[str]]],
+    out_dir: str | Path,
+    infer: Mapping[str, Any],
+    device: str | None = None,
+    threads: int = 1,
+) -> float:
+    """New images (``(name, files)``: one 3D/4D file, or one 3D file per channel) -> ``out_dir/<name>.nii.gz``.
+
+    The same steps as the workflow: resampled with the models' plan (from model.pt) as
+    :func:`msdseg.resample.resample_subject` does, then :func:`predict_chunk`'s prediction in the
+    original geometry (the first file's header). All cases are checked against the models before
+    any is predicted. Returns the seconds of work.
+    """
+    import tempfile
+    import time
+
+    from msdseg.chunks import work_line
+    from msdseg.io import read_image, write_image
+    from msdseg.resample import resample_subject
+
+    torch.set_num_threads(max(int(threads), 1))
+    device = _device(device)
+    loaded = load_models(model_paths)
+    plan = resampling_plan(loaded)
+    check_cases(loaded, cases)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = 0.0
+    with tempfile.TemporaryDirectory(prefix=".resampled-", dir=out) as scratch:
+        for name, files in cases:
+            start = time.perf_counter()
+            try:
+                source = Path(files[0])
+                if len(files) > 1:  # nnU-Net's one file per channel -> one 4D image
+                    source = Path(scratch) / f"{name}_channels.nii"
+                    write_image(sitk.JoinSeries([read_image(path) for path in files]), source, compress=False)
+                resampled = Path(scratch) / f"{name}.nii"
+                resample_subject(source, resampled, plan)
+                predict_loaded(loaded, resampled, Path(files[0]), out / f"{name}.nii.gz", infer, device)
+                for temporary in {source, resampled} - {Path(files[0])}:
+                    temporary.unlink(missing_ok=True)
+            except Exception as error:
+                raise _in_chunk(error, name, Path(files[0]), len(cases)) from error
+            seconds = time.perf_counter() - start
+            work += seconds
+            logger.info("%s: resampled and predicted in %.3f s", name, seconds)
+    logger.info(work_line(len(cases), work))
+    return work

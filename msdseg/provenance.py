@@ -9,13 +9,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import msdseg
+
 PACKAGES = ("torch", "torchio", "numpy", "SimpleITK", "nibabel", "pandas", "scipy", "snakemake")
 
 
 def library_versions() -> dict[str, str]:
     """Versions of Python, msdseg and the packages that shape the numbers (plain strings)."""
-    import msdseg
-
     versions = {"python": platform.python_version(), "msdseg": str(msdseg.__version__)}
     for package in PACKAGES:
         try:
@@ -42,4 +42,5 @@ def git_commit() -> str | None:
 
 def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
     """The record written beside reports (provenance.json): deterministic, no timestamps."""
-    return {"config": dict(config), "seed": config.get("seed"), "git_commit": git_commit(), "versions": library_versions()}
+    return {"config": dict(config), "seed": config.get("seed"), "git_commit": git_commit(),
+            "versions": library_versions()}

@@ -11,148 +11,20 @@ shift the whole volume by that much. There is no anti-aliasing filter before dow
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import SimpleITK as sitk
 
 from msdseg import io
-from msdseg.decathlon import TASKS, DatasetInfo
-from msdseg.errors import DatasetError
 
-PLAN_KEYS = (
-    "task",
-    "labels",
-    "modality",
-    "n_channels",
-    "target_spacing",
-    "inplane_size",
-    "image_interpolation",
-    "clip",
-    "normalization",
-    "ct_window",
-    "ct_mean",
-    "ct_std",
-)
+if TYPE_CHECKING:  # for annotations only: resampling does not import pandas
+    pass
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def _modality(dataset: DatasetInfo, task: str) -> str:
-    """Modality of channel 0: dataset.json first, the task table when dataset.json has none."""
-    if dataset.modality:
-        return str(dataset.modality.get(0, next(iter(dataset.modality.values()))))
-    if task in TASKS:
-        return str(TASKS[task].modality)
-    return ""
-
-
-def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[str, Any], task: str) -> dict[str, Any]:
-    """plan.json from the training subjects of the manifest and the ``preprocess`` config section.
-
-    ``preprocess`` may be partial (library use): missing keys get the schema defaults.
-    CT window from the data: the median over training subjects of each subject's foreground 0.5
-    and 99.5 percentiles (a median of per-subject values, not percentiles of all pooled voxels);
-    ct_mean/ct_std are the exact pooled foreground mean and standard deviation (nnU-Net's
-    CTNormalization statistics), combined from the per-subject moments and voxel counts.
-    """
-    from msdseg.config import load_config
-
-    settings = load_config({"preprocess": dict(preprocess)})["preprocess"]
-    training = manifest[manifest["role"] == "train"]
-    if training.empty:
-        raise DatasetError("the manifest has no training subject; a plan needs labelled subjects.")
-
-    channels = sorted({int(n) for n in manifest["n_channels"]})
-    if len(channels) != 1:
-        counts = manifest.groupby("n_channels")["subject"].apply(lambda s: list(s)[:3]).to_dict()
-        raise DatasetError(
-            f"subjects have different channel counts {channels} (examples {counts}); every image of "
-            "a task needs the same channels: fix dataset.json or exclude the odd subjects."
-        )
-
-    spacing_setting = settings["spacing"]
-    if spacing_setting == "median":
-        spacings = np.array([list(s) for s in training["spacing"]], dtype=np.float64)
-        target_spacing: list[float] | None = [float(v) for v in np.median(spacings, axis=0)]
-    elif spacing_setting is None:
-        target_spacing = None
-    else:
-        target_spacing = [float(v) for v in spacing_setting]
-    inplane = settings["inplane_size"]
-
-    normalization = settings["normalization"]
-    if normalization == "auto":
-        normalization = "ct" if _modality(dataset, task).strip().upper() == "CT" else "zscore"
-
-    ct_window = ct_mean = ct_std = None
-    if normalization == "ct":
-        foreground_columns = [f"voxels_{k}" for k in sorted(int(k) for k in dataset.labels) if k != 0]
-        missing = [c for c in foreground_columns if c not in training.columns]
-        if missing:
-            raise DatasetError(f"the manifest lacks {missing} for the dataset.json labels; rebuild manifest.csv.")
-        counts = training[foreground_columns].astype("float64").sum(axis=1).to_numpy() if foreground_columns else None
-        usable = (
-            (counts > 0) & np.isfinite(training["fg_mean"].to_numpy(dtype=np.float64))
-            if counts is not None
-            else np.zeros(len(training), dtype=bool)
-        )
-        if not usable.any():
-            raise DatasetError(
-                "normalization 'ct' needs foreground statistics, but no training label has a "
-                "foreground voxel; set preprocess.ct_window and preprocess.normalization: zscore, or fix the labels."
-            )
-        subset = training[usable]
-        n = counts[usable]
-        means = subset["fg_mean"].to_numpy(dtype=np.float64)
-        stds = subset["fg_std"].to_numpy(dtype=np.float64)
-        ct_mean = float(np.sum(n * means) / np.sum(n))
-        ct_std = float(math.sqrt(np.sum(n * (stds**2 + (means - ct_mean) ** 2)) / np.sum(n)))
-        if settings["ct_window"] is not None:
-            ct_window = [float(v) for v in settings["ct_window"]]
-        else:
-            ct_window = [
-                float(np.median(subset["fg_p00_5"].to_numpy(dtype=np.float64))),
-                float(np.median(subset["fg_p99_5"].to_numpy(dtype=np.float64))),
-            ]
-
-    return {
-        "task": str(task),
-        "labels": {str(int(k)): str(v) for k, v in sorted(dataset.labels.items())},
-        "modality": {str(int(k)): str(v) for k, v in sorted(dataset.modality.items())},
-        "n_channels": channels[0],
-        "target_spacing": target_spacing,
-        "inplane_size": [int(v) for v in inplane] if inplane is not None else None,
-        "image_interpolation": settings["image_interpolation"],
-        "clip": [float(v) for v in settings["clip"]] if settings["clip"] is not None else None,
-        "normalization": normalization,
-        "ct_window": ct_window,
-        "ct_mean": ct_mean,
-        "ct_std": ct_std,
-    }
-
-
-def write_plan(plan: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write plan.json atomically with sorted keys (same plan, same bytes)."""
-    io.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n", path)
-
-
-def read_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read plan.json, checking it has every key this version writes."""
-    with open(path) as handle:
-        plan = json.load(handle)
-    missing = [key for key in PLAN_KEYS if key not in plan]
-    if missing:
-        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
-    return plan
 
 
 # --------------------------------------------------------------------------- grids
@@ -206,10 +78,10 @@ def _label_volume(label: sitk.Image, path: os.PathLike[str] | str) -> sitk.Image
     if label.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: a label map must have one value per voxel")
     if label.GetDimension() == 4:
-        size = list(label.GetSize())
-        if size[3] != 1:
-            raise ValueError(f"{path}: a label map must be 3D, got size {tuple(size)}")
-        label = sitk.Extract(label, size[:3] + [0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+        size = io.label_shape(label.GetSize())
+        if len(size) != 3:
+            raise ValueError(f"{path}: a label map must be 3D, got size {size}")
+        label = sitk.Extract(label, [*size, 0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
     return label
 
 
@@ -263,26 +135,6 @@ def _check_grid(array: np.ndarray, source: io.Geometry, what: str) -> None:
         )
 
 
-def resample_to_reference(
-    probabilities: np.ndarray, source: sitk.Image | sitk.ImageFileReader, reference: sitk.Image | sitk.ImageFileReader
-) -> np.ndarray:
-    """(C, x, y, z) float32 on ``source``'s grid -> (C, x', y', z') on ``reference``'s grid, linearly.
-
-    The inverse of :func:`resample_subject` for predictions: ``source`` is the resampled image,
-    ``reference`` the original (a 4D one contributes its spatial grid). Only their grids are
-    used, so header readers (:func:`msdseg.io.read_image_header`) do as well as images. Anything
-    ``np.asarray`` takes (a CPU torch tensor too) is accepted.
-    """
-    probabilities = np.asarray(probabilities)
-    if probabilities.ndim != 4:
-        raise ValueError(f"probabilities must be (C, x, y, z), got shape {probabilities.shape}")
-    reference_grid = io.spatial_geometry(reference)
-    result = np.empty((probabilities.shape[0], *reference_grid.size), dtype=np.float32)
-    for index, channel in enumerate(channels_on_reference(probabilities, source, reference)):
-        result[index] = channel
-    return result
-
-
 def _resampling_source(array: np.ndarray, grid: io.Geometry) -> sitk.Image:
     """An (x, y, z) array as an image to resample from, with one copy of it instead of two.
 
@@ -303,6 +155,11 @@ def channels_on_reference(
     probabilities: np.ndarray, source: sitk.Image | sitk.ImageFileReader, reference: sitk.Image | sitk.ImageFileReader
 ) -> Iterator[np.ndarray]:
     """Each channel of (C, x, y, z) ``probabilities`` on ``reference``'s grid, linearly, one at a time.
+
+    The inverse of :func:`resample_subject` for predictions: ``source`` is the resampled image,
+    ``reference`` the original (a 4D one contributes its spatial grid). Only their grids are
+    used, so header readers (:func:`msdseg.io.read_image_header`) do as well as images. Anything
+    ``np.asarray`` takes (a CPU torch tensor too) is accepted.
 
     For large CTs: at any moment only one channel exists on each grid. Each yielded array is a
     read-only float32 view that is valid until the next one is requested, so copy what you keep.
@@ -326,21 +183,57 @@ def channels_on_reference(
         del resampled
 
 
-def resample_label_to_reference(
-    label: np.ndarray, source: sitk.Image | sitk.ImageFileReader, reference: sitk.Image | sitk.ImageFileReader
-) -> np.ndarray:
-    """(x, y, z) label map on ``source``'s grid -> (x', y', z') on ``reference``'s, nearest neighbour.
+# --------------------------------------------------------------------------- a chunk of subjects
 
-    Keeps the integer dtype (bool becomes uint8).
+
+def resample_chunk(
+    subjects: Sequence[str],
+    images: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    plan: Mapping[str, Any],
+    labels: Sequence[str | os.PathLike[str]] | None = None,
+    folders: Mapping[str, str] | None = None,
+) -> float:
+    """:func:`resample_subject` for each subject into ``out_dir/<folder>/<subject>.nii.gz``; seconds of work.
+
+    ``folders`` names the subfolders (``{"image": "imagesTr", "label": "labelsTr"}``). Each file
+    is written atomically; a subject that fails raises :class:`msdseg.errors.SubjectError` naming
+    it, and the workflow then deletes the whole chunk folder (all trusted or all redone).
     """
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise ValueError(f"label must be (x, y, z), got shape {label.shape}")
-    if label.dtype == bool:
-        label = label.astype(np.uint8)
-    source_grid = io.spatial_geometry(source)
-    _check_grid(label, source_grid, "label")
-    image = io.image_on_grid(label, source_grid)
-    resampled = _resample(image, io.spatial_geometry(reference), sitk.sitkNearestNeighbor, image.GetPixelID())
-    return io.to_xyz(resampled).astype(label.dtype, copy=False)
+    import logging
+    import time
+
+    from msdseg.chunks import failed_in_chunk, work_line
+    from msdseg.errors import SubjectError
+
+    logger = logging.getLogger(__name__)
+    folders = dict(folders or {"image": "images", "label": "labels"})
+    if labels is not None and len(labels) != len(subjects):
+        raise ValueError(f"{len(subjects)} subjects but {len(labels)} labels")
+    if len(images) != len(subjects):
+        raise ValueError(f"{len(subjects)} subjects but {len(images)} images")
+    out = Path(out_dir)
+    work = 0.0
+    for index, (subject, image) in enumerate(zip(subjects, images)):
+        label = labels[index] if labels is not None else None
+        start = time.perf_counter()
+        try:
+            resample_subject(
+                image,
+                out / folders["image"] / f"{subject}.nii.gz",
+                plan,
+                label_in=label,
+                label_out=out / folders["label"] / f"{subject}.nii.gz" if label is not None else None,
+            )
+        except SubjectError as error:
+            problem = f"{error.problem} {failed_in_chunk(subject, len(subjects))}"
+            raise SubjectError(error.subject, error.path, problem) from error
+        except Exception as error:
+            raise SubjectError(subject, str(image), f"resampling failed ({type(error).__name__}: {error}) "
+                               f"{failed_in_chunk(subject, len(subjects))}") from error
+        seconds = time.perf_counter() - start
+        work += seconds
+        logger.info("%s: resampled in %.3f s", subject, seconds)
+    logger.info(work_line(len(subjects), work))
+    return work
 

@@ -1,7 +1,8 @@
-"""Shared fixtures: a loopback HTTP server, the read-only real data, extracted tasks.
+"""Shared fixtures: a loopback HTTP server, the read-only real data, extracted tasks, builders.
 
 ``tests/`` is on ``sys.path`` while pytest runs, so helpers import as ``from loopback import
-LoopbackServer``.
+LoopbackServer`` and ``from helpers import plan`` (the builders behind the fixtures below, for
+module-scoped fixtures and subprocess scripts, which cannot take function-scoped fixtures).
 
 Fixtures
 - ``http_server``: a started :class:`loopback.LoopbackServer` serving ``tmp_path / "served"``
@@ -11,15 +12,23 @@ Fixtures
 - ``hippocampus_dir``: that archive extracted once per session (holds dataset.json); read-only
   by convention, copy it before changing anything.
 - ``synthetic_dir``: a small Task00_SyntheticLiver (4 train, 1 test) extracted once per session.
+- ``synthetic_plan`` / ``hippocampus_plan``: plan.json dicts for those tasks (z-score; the
+  hippocampus one at 1 mm), a fresh dict per test (:func:`helpers.plan`).
+- ``synthetic_rows`` / ``hippocampus_rows``: {subject, image, label} rows of the training
+  subjects, all 4 synthetic ones and the first 8 hippocampus ones (:func:`helpers.training_rows`).
+- ``make_config``: :func:`helpers.tiny_config`, ``make_config(task, model=..., infer=..., **train)``
+  -> a validated config with a tiny U-Net and ``num_workers: 0``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from helpers import HIPPOCAMPUS_LABELS, plan, tiny_config, training_rows
 from loopback import LoopbackServer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -61,3 +70,28 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     archive = folder / "Task00_SyntheticLiver.tar"
     make_synthetic_task(archive, n_train=4, n_test=1, seed=0)
     return safe_extract(archive, folder / "Task00_SyntheticLiver")
+
+
+@pytest.fixture
+def synthetic_plan() -> dict[str, Any]:
+    return plan()
+
+
+@pytest.fixture
+def hippocampus_plan() -> dict[str, Any]:
+    return plan("Task04_Hippocampus", HIPPOCAMPUS_LABELS, modality="MRI", target_spacing=[1.0, 1.0, 1.0])
+
+
+@pytest.fixture
+def synthetic_rows(synthetic_dir: Path) -> list[dict[str, str]]:
+    return training_rows(synthetic_dir)
+
+
+@pytest.fixture
+def hippocampus_rows(hippocampus_dir: Path) -> list[dict[str, str]]:
+    return training_rows(hippocampus_dir, 8)
+
+
+@pytest.fixture
+def make_config() -> Callable[..., dict[str, Any]]:
+    return tiny_config

@@ -78,7 +78,7 @@ def _free_port() -> int:
 def _node_hardware() -> dict[str, int]:
     """CPUs/sockets/cores/threads and memory as slurmd itself detects them (``slurmd -C``)."""
     out = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("NodeName="))
+    line = next(text for text in out.splitlines() if text.startswith("NodeName="))
     fields = dict(item.split("=", 1) for item in line.split())
     keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
     return {key: int(fields[key]) for key in keys if key in fields}
@@ -287,7 +287,7 @@ class SlurmCluster:
             time.sleep(0.25)
         raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}:\n" + self.logs_tail())
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         """Write the configuration, start munged, slurmctld and slurmd; wait for an idle node."""
         for cmd in REQUIRED_COMMANDS:
             _which(cmd)
@@ -392,7 +392,7 @@ class SlurmCluster:
                 found.append(int(entry.name))
         return found
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msdseg.config import ConfigError, load_config
+from msdseg.config import ConfigError, apply_preset, load_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,10 @@ def test_empty_config_gets_every_default():
     assert config["evaluate"]["nsd_tolerance_mm"] == 1.0
 
 
-@pytest.mark.parametrize("path", ["config.yaml", *sorted(p.relative_to(REPOSITORY).as_posix() for p in (REPOSITORY / "configs").glob("*.yaml"))])
+SHIPPED = ["config.yaml", *sorted(p.relative_to(REPOSITORY).as_posix() for p in REPOSITORY.glob("configs/*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_configs_are_valid(path):
     load_config(REPOSITORY / path)
 
@@ -28,7 +31,7 @@ def test_shipped_configs_are_valid(path):
 def test_snakemake_validate_fills_the_same_defaults():
     from snakemake.utils import validate
 
-    raw = yaml.safe_load((REPOSITORY / "config.yaml").read_text())
+    raw = apply_preset(yaml.safe_load((REPOSITORY / "config.yaml").read_text()))  # as the Snakefile does
     validate(raw, str(REPOSITORY / "msdseg" / "schemas" / "config.schema.yaml"))
     assert raw == load_config(REPOSITORY / "config.yaml")
 
@@ -41,6 +44,9 @@ def test_snakemake_validate_fills_the_same_defaults():
         ({"train": {"batch_size": 2.5}}, "'train.batch_size'"),
         ({"infer": {"overlap": [64, 2, 2]}}, "'infer.overlap'"),
         ({"infer": {"overlap": [3, 2, 2]}}, "'infer.overlap'"),
+        ({"model": {"spatial_dims": 2}, "train": {"patch_size": [32, 32, 1]}, "infer": {"overlap": [8, 8, 2]}},
+         "'infer.overlap'"),
+        ({"train": {"folds": [0, 5]}}, "'train.folds': fold 5 does not exist with manifest.n_folds=5"),
         ({"model": {"spatial_dims": 2}}, "'train.patch_size'"),
         ({"manifest": {"on_invalid": "ignore"}}, "'manifest.on_invalid'"),
         ({"trian": {}}, "'<top level>'"),

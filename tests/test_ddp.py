@@ -18,7 +18,7 @@ import torch
 import torchio as tio
 from torch.utils.data.distributed import DistributedSampler
 
-from msdseg.config import load_config
+from helpers import plan, tiny_config, training_rows
 from msdseg.data import EpochQueue, make_queue, preprocessing, subjects_from_paths
 from msdseg.errors import MsdsegError
 from msdseg.inference import predict_probabilities
@@ -26,25 +26,15 @@ from msdseg.model import load_model
 from msdseg.train import CHECKPOINT, DDP_DIAGNOSTICS, DDP_DIAGNOSTICS_ENV, LOG, train
 
 torch.set_num_threads(1)
-PLAN = {"task": "Task00_SyntheticLiver", "labels": {"0": "background", "1": "liver", "2": "cancer"},
-        "modality": {"0": "CT"}, "n_channels": 1, "target_spacing": None, "inplane_size": None,
-        "image_interpolation": "linear", "clip": None, "normalization": "zscore",
-        "ct_window": None, "ct_mean": None, "ct_std": None}
-
-
-def _rows(task_dir: Path) -> list[dict[str, str]]:
-    entries = json.loads((task_dir / "dataset.json").read_text())["training"]
-    return [{"subject": Path(e["image"]).name.removesuffix(".nii.gz"),
-             "image": str(task_dir / e["image"]), "label": str(task_dir / e["label"])} for e in entries]
+PLAN = plan()  # the synthetic task's labels, z-score, no resampling
 
 
 def _config(**train: Any) -> dict[str, Any]:
     # per rank and epoch: 2 of the 4 subjects x 2 patches = 2 steps of batch 2
     settings = {"devices": 2, "patch_size": [24, 24, 16], "batch_size": 2, "iterations": 8,
-                "samples_per_volume": 2, "queue_length": 4, "num_workers": 0, "learning_rate": 0.01,
+                "samples_per_volume": 2, "queue_length": 4, "learning_rate": 0.01,
                 "validate_every": 4, "checkpoint_every": 4, "augmentation": {"affine": False}, **train}
-    return load_config({"task": "Task00_SyntheticLiver", "model": {"base_channels": 4, "depth": 2},
-                        "train": settings, "infer": {"batch_size": 2}})
+    return tiny_config(infer={"batch_size": 2}, **settings)
 
 
 @pytest.fixture
@@ -54,7 +44,7 @@ def ddp_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_ddp_two_ranks_gloo(synthetic_dir: Path, tmp_path: Path, ddp_env: None) -> None:
-    rows = _rows(synthetic_dir)
+    rows = training_rows(synthetic_dir)
     assert len(rows) == 4
     ids = {row["subject"] for row in rows}
     out = tmp_path / "fold0"
@@ -96,7 +86,7 @@ def test_ddp_rank_error_is_reported(synthetic_dir: Path, tmp_path: Path, ddp_env
     """A rank that fails ends the run (no hang) with the rank's own message."""
     config = _config(class_weights=[1.0, 2.0])  # 2 weights for 3 labels
     with pytest.raises(MsdsegError, match=r"rank \d of 2.*class_weights"):
-        train(_rows(synthetic_dir), [], PLAN, config, tmp_path, fold=0, threads=2)
+        train(training_rows(synthetic_dir), [], PLAN, config, tmp_path, fold=0, threads=2)
     assert not (tmp_path / "model.pt").exists()
 
 
@@ -107,7 +97,8 @@ def test_epoch_queue_sets_the_sampler_epoch_each_pass() -> None:
                 for i in range(6)]
     config = _config(patch_size=[4, 4, 4], samples_per_volume=1, queue_length=1, sampler="uniform")
     samplers = [DistributedSampler(subjects, num_replicas=2, rank=r, shuffle=True, seed=3) for r in (0, 1)]
-    queues = [make_queue(subjects, PLAN, config, subject_sampler=s, transform=tio.Compose([]), first_epoch=5)
+    queues = [make_queue(subjects, PLAN, config["train"], 3, subject_sampler=s, transform=tio.Compose([]),
+                         first_epoch=5)
               for s in samplers]
     for queue in queues:
         assert isinstance(queue, EpochQueue) and not queue.shuffle_subjects
@@ -119,4 +110,4 @@ def test_epoch_queue_sets_the_sampler_epoch_each_pass() -> None:
             sampler.set_epoch(5 + epoch)
         assert [first, second] == [[f"s{i}" for i in sampler] for sampler in samplers]
         assert sorted(first + second) == [f"s{i}" for i in range(6)]
-    assert type(make_queue(subjects, PLAN, config)) is tio.Queue  # one process: torchio's own queue
+    assert type(make_queue(subjects, PLAN, config["train"], 3)) is tio.Queue  # one process: torchio's own queue

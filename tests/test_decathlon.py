@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from msdseg.decathlon import SYNTHETIC_TASK, TASKS, read_dataset_json, subject_id
+from msdseg.decathlon import (
+    SYNTHETIC_TASK,
+    TASKS,
+    foreground_labels,
+    int_keys,
+    label_json,
+    label_map,
+    read_dataset_json,
+    subject_id,
+)
 from msdseg.errors import DatasetError
 
 
@@ -88,6 +97,16 @@ def test_malformed_dataset_names_file_and_key(tmp_path: Path, change: dict, expe
 def test_subject_id() -> None:
     assert subject_id("./imagesTr/liver_0.nii.gz") == "liver_0"
     assert subject_id("prostate_00.nii") == "prostate_00"
+
+
+def test_label_keys() -> None:
+    """JSON keeps label values as strings; code gets integers in ascending order, JSON gets strings back."""
+    stored = {"10": "ten", "2": "two", "0": "background"}
+    assert list(label_map(stored).items()) == [(0, "background"), (2, "two"), (10, "ten")]
+    assert label_map({0: "background", 1: 7}) == {0: "background", 1: "7"} and label_map(None) == {}
+    assert foreground_labels(stored) == {2: "two", 10: "ten"}
+    assert list(label_json({1: "liver", 0: "background"}).items()) == [("0", "background"), ("1", "liver")]
+    assert list(int_keys({"2": 0.5, "0": 0.1}).items()) == [(2, 0.5), (0, 0.1)]  # order kept: values untouched
 
 
 def test_tasks_table() -> None:

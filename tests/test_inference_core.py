@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msdseg.inference import default_overlap, predict_probabilities
+from msdseg.errors import ConfigError
+from msdseg.inference import default_overlap, grid_overlap, predict_probabilities
 from msdseg.model import UNet
 
 torch.set_num_threads(1)
@@ -70,6 +71,17 @@ def test_tta_mirrors_and_undoes_the_mirroring() -> None:
 def test_default_overlap_is_half_the_patch_and_even() -> None:
     assert default_overlap((40, 56, 1)) == (20, 28, 0)
     assert default_overlap((5, 6, 7)) == (2, 2, 2)
+
+
+def test_grid_overlap_from_the_infer_section() -> None:
+    """infer.patch_size else the model's patch; infer.overlap else half; no overlap where the patch is 1."""
+    unset = {"patch_size": None, "overlap": None}
+    assert grid_overlap(unset, (40, 56, 1)) == ([40, 56, 1], [20, 28, 0])
+    assert grid_overlap({"patch_size": [16, 16, 8], "overlap": None}, [64, 64, 64]) == ([16, 16, 8], [8, 8, 4])
+    assert grid_overlap({"overlap": [8, 8, 8]}, [24, 24, 1]) == ([24, 24, 1], [8, 8, 0])
+    for overlap in ([24, 8, 8], [7, 8, 8]):
+        with pytest.raises(ConfigError, match="infer.overlap"):
+            grid_overlap({"overlap": overlap}, [24, 24, 24])
 
 
 def test_restores_training_mode() -> None:

@@ -28,7 +28,7 @@ from msdseg.manifest import (
 EXPECTED_COLUMNS = [
     "subject", "role", "fold", "image", "label", "n_channels", "shape", "spacing", "origin",
     "direction", "voxels_0", "voxels_1", "voxels_2", "intensity_mean", "intensity_std",
-    "intensity_min", "intensity_max", "fg_mean", "fg_std", "fg_p00_5", "fg_p99_5",
+    "intensity_min", "intensity_max", "fg_mean", "fg_std", "fg_p00_5", "fg_p99_5", "zero_fraction",
 ]
 
 
@@ -255,3 +255,37 @@ def test_four_dimensional_image_counts_channels(hippocampus_dir: Path, tmp_path:
     assert first["shape"] == list(source.shape)
     # statistics are those of the first channel
     assert first.intensity_max == pytest.approx(float(np.asarray(source.dataobj).max()))
+
+
+def test_a_4d_label_with_one_volume_is_3d_everywhere(hippocampus_dir: Path, tmp_path: Path) -> None:
+    """The manifest, the resample step and the metrics read an (x, y, z, 1) label as (x, y, z)."""
+    from msdseg.io import label_shape, read_label_volume
+    from msdseg.resample import resample_subject
+
+    assert label_shape((4, 5, 6, 1)) == (4, 5, 6) and label_shape([4, 5, 6]) == (4, 5, 6)
+    assert label_shape((4, 5, 6, 2)) == (4, 5, 6, 2)
+    task, subjects = _small_task(hippocampus_dir, tmp_path / "task", n_train=2, n_test=0)
+    labels = {}
+    for subject in subjects:
+        path = _paths(task, subject)["label"]
+        label = nib.load(str(path))
+        labels[subject] = np.asarray(label.dataobj)
+        nib.save(nib.Nifti1Image(labels[subject][..., np.newaxis], label.affine), str(path))
+    manifest, _ = build_manifest(read_dataset_json(task), n_folds=2, seed=0)
+    assert (manifest.voxels_1 > 0).all()
+    paths = _paths(task, subjects[0])
+    data, _, _ = read_label_volume(paths["label"])
+    np.testing.assert_array_equal(data, labels[subjects[0]])
+    plan = {"target_spacing": None, "inplane_size": None, "clip": None, "image_interpolation": "linear"}
+    resample_subject(paths["image"], tmp_path / "image.nii.gz", plan, paths["label"], tmp_path / "label.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "label.nii.gz")).dataobj), labels[subjects[0]])
+
+    two = _paths(task, subjects[1])["label"]
+    image = nib.load(str(two))
+    nib.save(nib.Nifti1Image(np.concatenate([np.asarray(image.dataobj)] * 2, axis=-1), image.affine), str(two))
+    with pytest.raises(SubjectError, match="label"):
+        build_manifest(read_dataset_json(task), n_folds=2, seed=0)
+    with pytest.raises(SubjectError, match="must be 3D"):
+        read_label_volume(two)
+    with pytest.raises(ValueError, match="must be 3D"):
+        resample_subject(_paths(task, subjects[1])["image"], tmp_path / "i2.nii.gz", plan, two, tmp_path / "l2.nii.gz")

@@ -113,7 +113,10 @@ def test_deep_supervision_outputs_in_training_only(spatial_dims: int, shape: tup
     model = UNet(spatial_dims, 1, 3, base_channels=4, depth=3, deep_supervision=True)
     outputs = model(torch.randn(*shape))
     assert isinstance(outputs, list) and len(outputs) == 3
-    halve = (lambda s, k: -(-s // 2**k))
+
+    def halve(s, k):
+        return -(-s // 2**k)
+
     for k, out in enumerate(outputs):
         spatial = [halve(s, k) for s in shape[2:4]] + ([halve(shape[4], k)] if spatial_dims == 3 else [shape[4]])
         assert out.shape == (2, 3, *spatial)

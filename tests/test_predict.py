@@ -10,26 +10,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torchio as tio
 
+from helpers import HIPPOCAMPUS_LABELS as HIPPO_LABELS
+from helpers import plan, predicted_volumes
 from msdseg import inference
 from msdseg.data import preprocessing
-from msdseg.config import ConfigError
-from msdseg.errors import ModelError
-from msdseg.model import UNet, save_model
-from msdseg.predict import _attempts, grid_settings, predict_subject, predicted_volumes, tta_axes
+from msdseg.decathlon import label_json
+from msdseg.errors import ConfigError, ModelError
+from msdseg.model import UNet, load_model, save_model
+from msdseg.predict import _attempts, grid_settings, predict_subject, tta_axes
 from msdseg.resample import resample_subject
 
 torch.set_num_threads(1)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-HIPPO_LABELS = {0: "background", 1: "Anterior", 2: "Posterior"}
 INFER = {"patch_size": None, "overlap": None, "overlap_mode": "hann", "batch_size": 2, "tta": False}
 
 
-def _plan(task: str, labels: dict[int, str], spacing: list[float] | None) -> dict:
-    return {"task": task, "labels": {str(k): v for k, v in labels.items()}, "modality": {"0": "MRI"},
-            "n_channels": 1, "target_spacing": spacing, "inplane_size": None, "image_interpolation": "linear",
-            "clip": None, "normalization": "zscore", "ct_window": None, "ct_mean": None, "ct_std": None}
+def _plan(task: str, labels: dict[int, str], spacing: list[float] | None, **overrides) -> dict:
+    """An MRI plan (the hippocampus's modality) at ``spacing``."""
+    return plan(task, labels, modality="MRI", target_spacing=spacing, **overrides)
 
 
 def _extract(tmp: Path, archive: str, names: list[str]) -> Path:
@@ -51,7 +52,7 @@ def _model(path: Path, spatial_dims: int, patch: list[int], labels=HIPPO_LABELS,
            spacing=(1.5, 1.5, 1.5)) -> Path:
     torch.manual_seed(seed)
     model = UNet(spatial_dims, 1, len(labels), base_channels=4, depth=2, norm="instance")
-    save_model(path, model, {"labels": {str(k): v for k, v in labels.items()},
+    save_model(path, model, {"labels": label_json(labels),
                              "plan": _plan(task, labels, list(spacing)), "patch_size": patch, "fold": seed,
                              "versions": {"torch": str(torch.__version__)}})
     return path
@@ -134,8 +135,6 @@ def test_fold_ensemble_is_argmax_of_mean_probabilities(hippo, models, tmp_path):
     predict_subject([models["3d"], models["3d_b"]], image, image, out, settings)
     data = _assert_same_geometry(out, image)
 
-    from msdseg.model import load_model
-    import torchio as tio
     subject = tio.Subject(image=tio.ScalarImage(image))
     tensor = preprocessing(_plan("x", HIPPO_LABELS, None))(subject)["image"].data.float()
     mean = sum(inference.predict_probabilities(load_model(models[k])[0], tensor, [16, 16, 16], [8, 8, 8], 2, "cpu",
@@ -198,9 +197,9 @@ def test_real_ct_oblique_origin_kept(tmp_path):
     root = _extract(tmp_path, "Task90_LiverCT.tar", ["Task90_LiverCT/imagesTr/liverct_001.nii.gz"])
     reference = root / "Task90_LiverCT" / "imagesTr" / "liverct_001.nii.gz"
     labels = {0: "background", 1: "liver", 2: "cancer"}
-    plan = {**_plan("Task90_LiverCT", labels, [4.0, 4.0, 4.0]), "modality": {"0": "CT"}}
+    ct_plan = plan("Task90_LiverCT", labels, modality="CT", target_spacing=[4.0, 4.0, 4.0])
     resampled = tmp_path / "resampled.nii.gz"
-    resample_subject(reference, resampled, plan)
+    resample_subject(reference, resampled, ct_plan)
     model = _model(tmp_path / "model.pt", 3, [32, 32, 16], labels=labels, spacing=(4.0, 4.0, 4.0))
     out = tmp_path / "liverct_001.nii.gz"
     predict_subject([model], resampled, reference, out, {**INFER, "batch_size": 4})
@@ -214,13 +213,13 @@ def test_multichannel_4d_reference(tmp_path):
     original = tmp_path / "prostate_01.nii.gz"
     nib.save(nib.Nifti1Image(rng.normal(size=(22, 18, 10, 2)).astype(np.float32), affine), str(original))
     labels = {0: "background", 1: "PZ", 2: "TZ"}
-    plan = {**_plan("Task05_Prostate", labels, [1.2, 1.2, 3.0]), "n_channels": 2}
+    prostate_plan = _plan("Task05_Prostate", labels, [1.2, 1.2, 3.0], n_channels=2)
     resampled = tmp_path / "resampled.nii.gz"
-    resample_subject(original, resampled, plan)
+    resample_subject(original, resampled, prostate_plan)
     torch.manual_seed(0)
     model_path = tmp_path / "model.pt"
     save_model(model_path, UNet(3, 2, 3, base_channels=4, depth=2),
-               {"labels": {str(k): v for k, v in labels.items()}, "plan": plan, "patch_size": [16, 16, 8],
+               {"labels": label_json(labels), "plan": prostate_plan, "patch_size": [16, 16, 8],
                 "versions": {"torch": str(torch.__version__)}})
     out = tmp_path / "pred" / "prostate_01.nii.gz"
     predict_subject([model_path], resampled, original, out, INFER)

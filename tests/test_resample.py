@@ -13,21 +13,13 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+from helpers import resample_label_to_reference, resample_to_reference
 from msdseg import io
 from msdseg.decathlon import DatasetInfo, read_dataset_json
 from msdseg.manifest import build_manifest
 from msdseg.metrics import dice
-from msdseg.resample import (
-    PLAN_KEYS,
-    channels_on_reference,
-    make_plan,
-    read_plan,
-    resample_label_to_reference,
-    resample_subject,
-    resample_to_reference,
-    target_geometry,
-    write_plan,
-)
+from msdseg.plan import PLAN_KEYS, make_plan, read_plan, write_plan
+from msdseg.resample import channels_on_reference, resample_subject, target_geometry
 
 LIVER_TASK = "Task90_LiverCT"
 
@@ -162,7 +154,8 @@ def test_channels_on_the_same_grid_pass_through_uncopied(resampled_liver: dict[s
     source = io.read_image_header(resampled_liver["image"])
     size = io.spatial_geometry(source).size
     probabilities = np.random.default_rng(0).random((3, *size), dtype=np.float32)
-    channels = [np.shares_memory(channel, probabilities) for channel in channels_on_reference(probabilities, source, source)]
+    channels = [np.shares_memory(channel, probabilities)
+                for channel in channels_on_reference(probabilities, source, source)]
     assert channels == [True, True, True]
     labels = labels_in_reference_geometry(probabilities, source, source)
     np.testing.assert_array_equal(labels, probabilities.argmax(axis=0))

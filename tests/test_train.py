@@ -19,42 +19,34 @@ import pytest
 import torch
 import torchio as tio
 
-from msdseg.config import load_config
-from msdseg.errors import SubjectError
+from helpers import HIPPOCAMPUS_LABELS, plan, tiny_config, training_rows
 from msdseg.data import SafeLabelSampler, preprocessing, subjects_from_paths, training_transform
+from msdseg.errors import SubjectError
 from msdseg.inference import predict_probabilities
 from msdseg.model import load_model
 from msdseg.train import CHECKPOINT, train
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-PLAN = {"task": "Task04_Hippocampus", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-        "modality": {"0": "MRI"}, "n_channels": 1, "target_spacing": [1.0, 1.0, 1.0], "inplane_size": None,
-        "image_interpolation": "linear", "clip": None, "normalization": "zscore",
-        "ct_window": None, "ct_mean": None, "ct_std": None}
+PLAN = plan("Task04_Hippocampus", HIPPOCAMPUS_LABELS, modality="MRI", target_spacing=[1.0, 1.0, 1.0])
 LOG_COLUMNS = ["iteration", "loss", "lr", "val_dice_Anterior", "val_dice_Posterior",
                "patches_per_s", "seconds_per_step", "data_wait_s"]
 
 
-def _rows(task_dir: Path, n: int = 8) -> list[dict[str, str]]:
-    """The first n training subjects as dataset.json lists them (never glob: ._* junk files)."""
-    entries = json.loads((task_dir / "dataset.json").read_text())["training"][:n]
-    return [{"subject": Path(e["image"]).name.removesuffix(".nii.gz"),
-             "image": str(task_dir / e["image"]), "label": str(task_dir / e["label"])} for e in entries]
+TINY_TRAIN = {"patch_size": [24, 24, 24], "batch_size": 2, "iterations": 12, "samples_per_volume": 2,
+              "queue_length": 8, "learning_rate": 0.01, "validate_every": 6, "checkpoint_every": 6,
+              "augmentation": {"affine": False}}
 
 
 def _config(**train: Any) -> dict[str, Any]:
+    """The tiny hippocampus config these tests train with; keywords update the train section."""
     model = train.pop("model", {})
-    settings = {"patch_size": [24, 24, 24], "batch_size": 2, "iterations": 12, "samples_per_volume": 2,
-                "queue_length": 8, "num_workers": 0, "learning_rate": 0.01, "validate_every": 6,
-                "checkpoint_every": 6, "augmentation": {"affine": False}, **train}
-    return load_config({"task": "Task04_Hippocampus", "model": {"base_channels": 4, "depth": 2, **model},
-                        "train": settings, "infer": {"batch_size": 2}})
+    return tiny_config("Task04_Hippocampus", model=model, infer={"batch_size": 2}, **{**TINY_TRAIN, **train})
 
 
 @pytest.fixture(scope="module")
 def rows(hippocampus_dir: Path) -> list[dict[str, str]]:
-    return _rows(hippocampus_dir)
+    return training_rows(hippocampus_dir, 8)
 
 
 def test_train_3d_label_sampler_loss_goes_down_and_files_written(rows: list[dict[str, str]], tmp_path: Path) -> None:
@@ -122,7 +114,8 @@ def test_small_volume_and_empty_label_map_train(rows: list[dict[str, str]], tmp_
 
     sampler = SafeLabelSampler((24, 24, 24), label_name="label", label_probabilities={0: 0.0, 1: 1.0, 2: 1.0})
     for row in (small, empty):
-        subject = training_transform(PLAN, config)(subjects_from_paths([row])[0])
+        transform = training_transform(PLAN, config["train"], config["model"]["spatial_dims"])
+        subject = transform(subjects_from_paths([row])[0])
         patches = list(sampler(subject, num_patches=3))
         assert [p["image"].shape for p in patches] == [(1, 24, 24, 24)] * 3
 

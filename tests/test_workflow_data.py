@@ -105,7 +105,8 @@ def test_hostile_local_archive_is_rejected_and_nothing_written_outside(tmp_path,
             link.linkname = "/etc"
             tar.addfile(link)
     workdir = tmp_path / "work"
-    run = snakemake(workdir, "results/Task99_Hostile/manifest.csv", config={"task": "Task99_Hostile", "source": {"archive": str(archive)}})
+    run = snakemake(workdir, "results/Task99_Hostile/manifest.csv",
+                    config={"task": "Task99_Hostile", "source": {"archive": str(archive)}})
     assert run.returncode != 0
     assert not (workdir / "results" / "Task99_Hostile" / "raw").exists()
     assert not (tmp_path / "escaped.txt").exists() and not (workdir / "escaped.txt").exists()

@@ -4,24 +4,51 @@ import os
 import shutil
 from pathlib import Path
 
+from msdseg import chunks
 from msdseg.decathlon import SYNTHETIC_TASK, TASKS
+from msdseg.devices import local_gpu_count
+from msdseg.planner import PLANNED_KEYS
 
 TASK = config["task"]
 RESULTS = Path(config["results"]) / TASK
-SYNTHETIC = TASK == SYNTHETIC_TASK and not any(
-    config["source"][key] for key in ("url", "archive", "folder")
-)
+SYNTHETIC = TASK == SYNTHETIC_TASK and not any(config["source"][key] for key in ("url", "archive", "folder"))
 FOLDS = sorted(set(config["train"]["folds"]))
 ENV = "../../envs/msdseg.yaml"
-# A job that will find a GPU asks for the `gpu` resource, so profiles/default's `gpu: 1` keeps two
-# of them off one GPU. train.gpus / infer.gpus ask explicitly (a cluster's login node has none).
-LOCAL_GPU = 1 if shutil.which("nvidia-smi") else 0
+# GPU jobs ask for the `gpu` resource: one GPU each (train: train.devices), or train.gpus /
+# infer.gpus where set. Submitting to a cluster (--jobs N, which profiles/slurm sets; the executor
+# is not known yet while this file is read, and a local run gets --jobs only next to --cores), GPU
+# jobs run on GPU nodes, so they ask for one although the login node has none. Run locally, they
+# ask for one where this machine has a GPU, counted without torch or nvidia-smi
+# (msdseg.devices.local_gpu_count; MSDSEG_GPU_COUNT overrides).
+SUBMITS = workflow.resource_settings.nodes is not None
+MACHINE_GPUS = 0 if SUBMITS else local_gpu_count()
+LOCAL_GPU = 1 if SUBMITS or MACHINE_GPUS else 0
+
+
+def chosen_planned_keys():
+    """The planned keys (msdseg.planner.PLANNED_KEYS) the user or the task's preset set: the planner keeps them."""
+    return {key: value for key, value in CHOSEN.items() if key in PLANNED_KEYS}
 
 
 def train_gpus():
-    """GPUs a train job asks for: at least train.devices when it trains with DDP."""
+    """GPUs a train job asks for: at least train.devices when it trains with DDP (no profile pins it)."""
     devices = config["train"]["devices"]
     return max(config["train"]["gpus"] or LOCAL_GPU, devices if devices > 1 else 0)
+
+
+# The global `gpu` limit (`--resources gpu=N` overrides both). Not a profile value: a profile cannot
+# count GPUs, and Snakemake cuts every job's `gpu` down to the global limit, so a fixed `gpu: 1`
+# made train.devices: 2 jobs ask for one GPU, on a cluster too.
+if "gpu" not in workflow.global_resources:
+    if SUBMITS:
+        # as many as the largest GPU job asks for. With profiles/slurm's `gpu: local` scope it
+        # limits only the jobs bundled into one SLURM job, which run one after the other there:
+        # so a bundle asks SLURM for one job's GPUs, not one per job it holds.
+        workflow.global_resources["gpu"] = max(train_gpus(), config["infer"]["gpus"] or LOCAL_GPU)
+    elif MACHINE_GPUS:
+        # a workstation's GPU count: never more GPU jobs at once than GPUs, a train.devices: N job
+        # counting N; msdseg.devices.gpu_slot gives each job GPUs of its own
+        workflow.global_resources["gpu"] = MACHINE_GPUS
 
 
 def result(path):
@@ -36,14 +63,6 @@ def log_path(rule_name, wildcards_part=""):
 
 def benchmark_path(rule_name, wildcards_part=""):
     return result(os.path.join("benchmarks", rule_name, wildcards_part).rstrip(os.sep) + ".tsv")
-
-
-for fold in FOLDS:
-    if fold >= config["manifest"]["n_folds"]:
-        raise WorkflowError(
-            f"config key 'train.folds': fold {fold} does not exist with "
-            f"manifest.n_folds={config['manifest']['n_folds']}; use folds 0..{config['manifest']['n_folds'] - 1}."
-        )
 
 
 def archive_source():
@@ -72,31 +91,114 @@ def archive_path():
     return result(f"download/{TASK}.tar")
 
 
-def manifest_table():
-    """The manifest, once the checkpoint has run (re-evaluates the DAG after it)."""
-    from msdseg.manifest import read_manifest
+def cohort():
+    """The manifest's subjects (msdseg.chunks.Cohort), once the checkpoint has run (re-evaluates the DAG after it).
 
-    return read_manifest(checkpoints.manifest.get().output.manifest)
+    Parsed once per version of manifest.csv (path, mtime, size) and looked up in dicts: input
+    functions run once per job, and parsing the table in each made the DAG quadratic in subjects.
+    """
+    return chunks.cached_cohort(checkpoints.manifest.get().output.manifest)
 
 
 def subjects(role):
-    table = manifest_table()
-    return list(table.loc[table["role"] == role, "subject"])
+    return [s.subject for s in cohort().role(role)]
 
 
 def fold_subjects(fold):
-    table = manifest_table()
-    return list(table.loc[(table["role"] == "train") & (table["fold"] == int(fold)), "subject"])
+    return [s.subject for s in cohort().validation(fold)]
 
 
 def original_image(wildcards):
-    table = manifest_table().set_index("subject")
-    return table.loc[wildcards.subject, "image"]
+    return cohort().by_id[wildcards.subject].image
 
 
 def original_label(subject):
-    table = manifest_table().set_index("subject")
-    return table.loc[subject, "label"]
+    return cohort().by_id[subject].label
+
+
+# --------------------------------------------------------------------------- chunks of subjects
+# A resample or infer job processes a chunk of subjects (resample.subjects_per_job,
+# infer.subjects_per_job: a number or auto) into a staging folder results/<task>/chunks/<rule>/...;
+# a local `place_*` job per subject then hard-links its file to the usual per-subject path. So
+# outputs stay one file per subject, each job pays its start-up (imports, models) once per
+# chunk, and a failed chunk leaves nothing placed (Snakemake deletes its staging folder).
+ENSEMBLE_FOLDS = FOLDS if config["infer"]["ensemble_test"] else FOLDS[:1]
+# the test list goes into fold F's chunks when it is predicted by fold F's model alone (one fold,
+# or no ensemble): one process loads the model once for both, instead of a second job
+TEST_WITH_FOLD = ENSEMBLE_FOLDS[0] if len(ENSEMBLE_FOLDS) == 1 else None
+
+
+# the inference settings a prediction depends on: not how many subjects share a job
+INFER_SETTINGS = {key: value for key, value in config["infer"].items() if key != "subjects_per_job"}
+
+
+def resample_chunks(role):
+    """msdseg.chunks.Chunks of the subjects of ``role`` ("train": image and label, "test": image)."""
+
+    def make():
+        members = cohort().role(role)
+        costs = [chunks.resample_seconds(s, config["preprocess"], with_label=role == "train") for s in members]
+        size = chunks.chunk_size(
+            config["resample"]["subjects_per_job"], costs, chunks.target_seconds(chunks.RESAMPLE_STARTUP_S)
+        )
+        return chunks.Chunks.build([s.subject for s in members], size), costs
+
+    return cohort().derived(("resample", role), make)
+
+
+def _infer_cost(subject, n_models):
+    return chunks.infer_seconds(subject.shape, subject.spacing, config, n_models)
+
+
+def infer_chunks(fold=None):
+    """Chunks of fold ``fold``'s validation subjects (and of the test list where TEST_WITH_FOLD is it); None: the test list."""
+
+    def make():
+        if fold is None:
+            members, n_models = cohort().role("test"), len(ENSEMBLE_FOLDS)
+        else:
+            members, n_models = cohort().validation(fold), 1
+            if TEST_WITH_FOLD == int(fold):
+                members = members + cohort().role("test")
+        costs = [_infer_cost(s, n_models) for s in members]
+        size = chunks.chunk_size(
+            config["infer"]["subjects_per_job"], costs, chunks.target_seconds(chunks.INFER_STARTUP_S)
+        )
+        return chunks.Chunks.build([s.subject for s in members], size), costs
+
+    return cohort().derived(("infer", None if fold is None else int(fold)), make)
+
+
+def chunk_runtime(plan_of):
+    """A `runtime` resource (minutes) from a chunk's estimated work: 3x the estimate, at least 10."""
+
+    def runtime(wildcards):
+        built, costs = plan_of(wildcards)
+        return chunks.runtime_minutes(sum(costs[built.span(wildcards.chunk)]))
+
+    return runtime
+
+
+def staged(folder, subject, name=None):
+    """A subject's file in a chunk's staging folder (``name`` defaults to <subject>.nii.gz)."""
+    return os.path.join(folder, name or f"{subject}.nii.gz")
+
+
+def resample_chunk_folder(role, subject):
+    rule_name = "resample_training" if role == "train" else "resample_test"
+    return result(f"chunks/{rule_name}/{resample_chunks(role)[0].of[subject]}")
+
+
+def test_prediction_chunk_folder(subject):
+    if TEST_WITH_FOLD is not None:
+        return result(f"chunks/infer_fold/fold{TEST_WITH_FOLD}/{infer_chunks(TEST_WITH_FOLD)[0].of[subject]}")
+    return result(f"chunks/infer_test/{infer_chunks(None)[0].of[subject]}")
+
+
+def resampled_image(subject):
+    """The resampled image of any subject of the manifest (imagesTr or imagesTs by its role)."""
+    folder = "imagesTr" if cohort().by_id[subject].role == "train" else "imagesTs"
+    return result(f"resampled/{folder}/{subject}.nii.gz")
 
 
 def training_inputs(wildcards):
@@ -119,6 +221,46 @@ def fold_references(wildcards):
     return [original_label(subject) for subject in fold_subjects(wildcards.fold)]
 
 
+# --------------------------------------------------------------------------- predict_folder
+PREDICT = config["predict"]
+FOLDER_OUT = str(PREDICT["output"] or result("predict_folder"))
+FOLDER_MODELS = list(PREDICT["models"] or expand(result("fold{fold}/model.pt"), fold=ENSEMBLE_FOLDS))
+_FOLDER = {}
+
+
+def folder_cases():
+    """The cases of predict.input (msdseg.chunks.Case), read once per run."""
+    if "cases" not in _FOLDER:
+        if not PREDICT["input"]:
+            raise WorkflowError(
+                "predict_folder needs images: --config predict='{input: /path/to/images, output: /path/to/out}' "
+                "(a folder of .nii.gz files, or a list of them)"
+            )
+        files = chunks.list_images(PREDICT["input"])
+        _FOLDER["cases"] = chunks.group_cases(files, PREDICT["layout"])
+    return _FOLDER["cases"]
+
+
+def folder_costs():
+    if "costs" not in _FOLDER:
+        _FOLDER["costs"] = [chunks.case_seconds(case, config, len(FOLDER_MODELS)) for case in folder_cases()]
+    return _FOLDER["costs"]
+
+
+def folder_chunks():
+    if "chunks" not in _FOLDER:
+        size = chunks.chunk_size(
+            config["infer"]["subjects_per_job"], folder_costs(), chunks.target_seconds(chunks.INFER_STARTUP_S)
+        )
+        _FOLDER["chunks"] = chunks.Chunks.build([case.case for case in folder_cases()], size)
+    return _FOLDER["chunks"]
+
+
+def folder_chunk(chunk):
+    by_name = {case.case: case for case in folder_cases()}
+    return [by_name[name] for name in folder_chunks()[chunk]]
+
+
 def final_outputs(wildcards):
     outputs = [result("manifest.csv"), result("dice_summary.csv")]
     outputs += expand(result("fold{fold}/learning_curve.png"), fold=FOLDS)
@@ -130,3 +272,5 @@ def final_outputs(wildcards):
 wildcard_constraints:
     fold=r"\d+",
     subject=r"[^/]+",
+    chunk=r"\d\d\d\d+",
+    case=r"[^/]+",

@@ -1,6 +1,5 @@
 """Stage 1-2: archive -> verified download -> extracted task -> manifest (checkpoint) -> plan -> resampled volumes."""
 
-
 if SYNTHETIC:
 
     rule synthesize_demo:
@@ -8,9 +7,6 @@ if SYNTHETIC:
         output:
             archive=result(f"source/{TASK}.tar"),
             md5=result(f"source/{TASK}.tar.md5"),
-        params:
-            synthetic=config["synthetic"],
-            seed=config["seed"],
         log:
             log_path("synthesize_demo"),
         conda:
@@ -18,6 +14,9 @@ if SYNTHETIC:
         resources:
             mem_mb=2000,
             runtime=10,
+        params:
+            synthetic=config["synthetic"],
+            seed=config["seed"],
         script:
             "../scripts/synthesize_demo.py"
 
@@ -30,17 +29,17 @@ if archive_source() is not None:
             demo=rules.synthesize_demo.output if SYNTHETIC else [],
         output:
             archive=result(f"download/{TASK}.tar"),
-        params:
-            source=archive_source(),
-            retries=config["source"]["retries"],
         log:
             log_path("download"),
+        retries: 1
         conda:
             ENV
-        retries: 1
         resources:
             mem_mb=1000,
             runtime=240,
+        params:
+            source=archive_source(),
+            retries=config["source"]["retries"],
         script:
             "../scripts/download.py"
 
@@ -53,9 +52,6 @@ if not config["source"]["folder"]:
             archive=archive_path(),
         output:
             folder=directory(result("raw")),
-        params:
-            md5=config["source"]["md5"] if config["source"]["archive"] else None,
-            sha256=config["source"]["sha256"] if config["source"]["archive"] else None,
         log:
             log_path("extract"),
         benchmark:
@@ -65,6 +61,9 @@ if not config["source"]["folder"]:
         resources:
             mem_mb=1000,
             runtime=120,
+        params:
+            md5=config["source"]["md5"] if config["source"]["archive"] else None,
+            sha256=config["source"]["sha256"] if config["source"]["archive"] else None,
         script:
             "../scripts/extract.py"
 
@@ -76,9 +75,6 @@ checkpoint manifest:
     output:
         manifest=report(result("manifest.csv"), caption="../report/manifest.rst", category="Data"),
         excluded=result("excluded.csv"),
-    params:
-        manifest=config["manifest"],
-        seed=config["seed"],
     log:
         log_path("manifest"),
     benchmark:
@@ -89,6 +85,9 @@ checkpoint manifest:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        manifest=config["manifest"],
+        seed=config["seed"],
     script:
         "../scripts/manifest.py"
 
@@ -100,9 +99,6 @@ rule plan:
         folder=raw_folder(),
     output:
         plan=result("plan.json"),
-    params:
-        preprocess=config["preprocess"],
-        task=TASK,
     log:
         log_path("plan"),
     conda:
@@ -110,51 +106,91 @@ rule plan:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        preprocess=config["preprocess"],
+        task=TASK,
     script:
         "../scripts/plan.py"
 
 
 rule resample_training:
-    """Resample one training subject: image (linear/B-spline) and label (nearest) on the same grid."""
+    """Resample a chunk of training subjects (resample.subjects_per_job): images linear/B-spline, labels nearest."""
     input:
-        image=original_image,
-        label=lambda wildcards: original_label(wildcards.subject),
+        images=lambda wildcards: [cohort().by_id[s].image for s in resample_chunks("train")[0][wildcards.chunk]],
+        labels=lambda wildcards: [cohort().by_id[s].label for s in resample_chunks("train")[0][wildcards.chunk]],
         plan=result("plan.json"),
     output:
-        image=result("resampled/imagesTr/{subject}.nii.gz"),
-        label=result("resampled/labelsTr/{subject}.nii.gz"),
+        staged=directory(result("chunks/resample_training/{chunk}")),
     log:
-        log_path("resample_training", "{subject}"),
+        log_path("resample_training", "{chunk}"),
     benchmark:
-        benchmark_path("resample_training", "{subject}")
+        benchmark_path("resample_training", "{chunk}")
     conda:
         ENV
-    group:
-        "resample"
     resources:
         mem_mb=4000,
-        runtime=5,
+        runtime=chunk_runtime(lambda wildcards: resample_chunks("train")),
+    params:
+        subjects=lambda wildcards: list(resample_chunks("train")[0][wildcards.chunk]),
+        folders={"image": "imagesTr", "label": "labelsTr"},
     script:
         "../scripts/resample.py"
 
 
 rule resample_test:
-    """Resample one unlabelled test subject onto the same plan."""
+    """Resample a chunk of unlabelled test subjects onto the same plan."""
     input:
-        image=original_image,
+        images=lambda wildcards: [cohort().by_id[s].image for s in resample_chunks("test")[0][wildcards.chunk]],
         plan=result("plan.json"),
     output:
-        image=result("resampled/imagesTs/{subject}.nii.gz"),
+        staged=directory(result("chunks/resample_test/{chunk}")),
     log:
-        log_path("resample_test", "{subject}"),
+        log_path("resample_test", "{chunk}"),
     benchmark:
-        benchmark_path("resample_test", "{subject}")
+        benchmark_path("resample_test", "{chunk}")
     conda:
         ENV
-    group:
-        "resample"
     resources:
         mem_mb=4000,
-        runtime=5,
+        runtime=chunk_runtime(lambda wildcards: resample_chunks("test")),
+    params:
+        subjects=lambda wildcards: list(resample_chunks("test")[0][wildcards.chunk]),
+        folders={"image": "imagesTs"},
     script:
         "../scripts/resample.py"
+
+
+# A placed file is a hard link to the staged one (no copy; a copy across file systems), touched
+# so that it is newer than its chunk. Local jobs: a shell command in the Snakemake process's
+# machine, never a cluster job.
+
+
+rule place_resampled_training:
+    """One training subject's resampled image and label, from its chunk's staging folder."""
+    input:
+        chunk=lambda wildcards: resample_chunk_folder("train", wildcards.subject),
+    output:
+        image=result("resampled/imagesTr/{subject}.nii.gz"),
+        label=result("resampled/labelsTr/{subject}.nii.gz"),
+    localrule: True
+    params:
+        image=lambda wildcards, input: staged(input.chunk, wildcards.subject, f"imagesTr/{wildcards.subject}.nii.gz"),
+        label=lambda wildcards, input: staged(input.chunk, wildcards.subject, f"labelsTr/{wildcards.subject}.nii.gz"),
+    shell:
+        "{{ ln -f {params.image:q} {output.image:q} 2>/dev/null || cp {params.image:q} {output.image:q}; }}"
+        " && {{ ln -f {params.label:q} {output.label:q} 2>/dev/null || cp {params.label:q} {output.label:q}; }}"
+        " && touch {output.image:q} {output.label:q}"
+
+
+rule place_resampled_test:
+    """One test subject's resampled image, from its chunk's staging folder."""
+    input:
+        chunk=lambda wildcards: resample_chunk_folder("test", wildcards.subject),
+    output:
+        image=result("resampled/imagesTs/{subject}.nii.gz"),
+    localrule: True
+    params:
+        image=lambda wildcards, input: staged(input.chunk, wildcards.subject, f"imagesTs/{wildcards.subject}.nii.gz"),
+    shell:
+        "{{ ln -f {params.image:q} {output.image:q} 2>/dev/null || cp {params.image:q} {output.image:q}; }}"
+        " && touch {output.image:q}"

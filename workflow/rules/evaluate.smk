@@ -9,8 +9,6 @@ rule evaluate_fold:
         folder=raw_folder(),
     output:
         metrics=result("fold{fold}/metrics.csv"),
-    params:
-        evaluate=config["evaluate"],
     log:
         log_path("evaluate_fold", "fold{fold}"),
     conda:
@@ -18,6 +16,8 @@ rule evaluate_fold:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        evaluate=config["evaluate"],
     script:
         "../scripts/evaluate.py"
 
@@ -32,9 +32,6 @@ rule summarize:
         boxplot=report(result("plots/dice_boxplot.png"), caption="../report/dice_boxplot.rst", category="Evaluation"),
         overlays=report(result("plots/overlays.png"), caption="../report/overlays.rst", category="Evaluation"),
         provenance=report(result("provenance.json"), caption="../report/provenance.rst", category="Provenance"),
-    params:
-        folds=FOLDS,
-        prediction_pattern=lambda wildcards: result("fold{fold}/predictions/{subject}.nii.gz"),
     log:
         log_path("summarize"),
     conda:
@@ -42,5 +39,8 @@ rule summarize:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        folds=FOLDS,
+        prediction_pattern=lambda wildcards: result("fold{fold}/predictions/{subject}.nii.gz"),
     script:
         "../scripts/summarize.py"

@@ -1,12 +1,39 @@
 """Stage 3: patch-queue training, one job per fold (folds run in parallel on a cluster)."""
 
 
+rule plan_training:
+    """Network, patch, batch and iterations from the fingerprint, the device and train.max_minutes (a probe)."""
+    input:
+        manifest=result("manifest.csv"),
+        plan=result("plan.json"),
+    output:
+        plan=result("training_plan.json"),
+    log:
+        log_path("plan_training"),
+    conda:
+        ENV
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=config["train"]["mem_mb"],
+        runtime=15,
+        gpu=train_gpus(),
+    params:
+        user=chosen_planned_keys(),
+        budget_minutes=config["train"]["max_minutes"],
+        n_folds=config["manifest"]["n_folds"],
+        plan=config["plan"],
+        devices=config["train"]["devices"],
+    script:
+        "../scripts/plan_training.py"
+
+
 rule train:
     """Train one U-Net on all folds but {fold}, validate on fold {fold}; resumes from checkpoint.pt."""
     input:
         unpack(training_inputs),
         manifest=result("manifest.csv"),
         plan=result("plan.json"),
+        training_plan=result("training_plan.json"),
     output:
         model=result("fold{fold}/model.pt"),
         log_csv=result("fold{fold}/training_log.csv"),
@@ -16,10 +43,6 @@ rule train:
             category="Training",
             subcategory="fold {fold}",
         ),
-    params:
-        model=config["model"],
-        train=config["train"],
-        seed=config["seed"],
     log:
         log_path("train", "fold{fold}"),
     benchmark:
@@ -31,5 +54,10 @@ rule train:
         mem_mb=config["train"]["mem_mb"],
         runtime=int(config["train"]["max_minutes"]) + 30,
         gpu=train_gpus(),
+    params:
+        model=config["model"],
+        train=config["train"],
+        seed=config["seed"],
+        n_folds=config["manifest"]["n_folds"],
     script:
         "../scripts/train.py"

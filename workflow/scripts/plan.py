@@ -7,7 +7,7 @@ from pathlib import Path
 from msdseg.decathlon import read_dataset_json
 from msdseg.logs import job_log
 from msdseg.manifest import read_manifest
-from msdseg.resample import make_plan, write_plan
+from msdseg.plan import make_plan, write_plan
 
 with job_log(snakemake.log[0]):
     plan = make_plan(

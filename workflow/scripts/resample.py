@@ -1,19 +1,24 @@
-"""Rules resample_training / resample_test: one subject onto the plan's grid."""
+"""Rules resample_training / resample_test: a chunk of subjects onto the plan's grid, into a staging folder."""
 
 import _bootstrap  # noqa: F401
 
-from pathlib import Path
-
 from msdseg.logs import job_log
-from msdseg.resample import read_plan, resample_subject
+from msdseg.plan import read_plan
+from msdseg.resample import resample_chunk
+
+
+def files(value):
+    """A named input as a list (a single file comes as a string)."""
+    return [value] if isinstance(value, str) else list(value)
+
 
 with job_log(snakemake.log[0]):
-    label_in = snakemake.input.get("label")
-    label_out = snakemake.output.get("label")
-    resample_subject(
-        Path(snakemake.input.image),
-        Path(snakemake.output.image),
+    labels = snakemake.input.get("labels")
+    resample_chunk(
+        list(snakemake.params.subjects),
+        files(snakemake.input.images),
+        snakemake.output.staged,
         read_plan(snakemake.input.plan),
-        label_in=Path(label_in) if label_in else None,
-        label_out=Path(label_out) if label_out else None,
+        labels=files(labels) if labels else None,
+        folders=dict(snakemake.params.folders),
     )

@@ -10,8 +10,8 @@ from msdseg.evaluate import dice_summary, read_metrics
 from msdseg.io import write_csv, write_text
 from msdseg.logs import job_log
 from msdseg.manifest import read_manifest
-from msdseg.provenance import provenance
 from msdseg.plots import overlay_cases, plot_dice_boxplot, plot_overlays
+from msdseg.provenance import provenance
 
 with job_log(snakemake.log[0]):
     by_fold = {int(fold): read_metrics(path) for fold, path in zip(snakemake.params.folds, snakemake.input.metrics)}

@@ -1,0 +1,60 @@
+"""The planner's choices for the ten MSD tasks, from their published fingerprints, beside nnU-Net's plans.
+
+Two devices: a 24 GB GPU (memory estimate only; the iteration count is settled by the train job's
+probe on the GPU) and this machine's CPU with a 15-minute budget (each plan measures real training
+steps here, so the CPU column depends on this machine). A plan that cannot fit says why.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/plan_table.py [--threads 2] [--minutes 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from msdseg.decathlon import NNUNET_PLANS, TASKS  # noqa: E402
+from msdseg.inference import cpu_has_native_bf16  # noqa: E402
+from msdseg.planner import DeviceSpec, PlanError, plan_training, published_fingerprint, torch_probe  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--minutes", type=float, default=15.0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bf16 = cpu_has_native_bf16()
+    gpu = DeviceSpec("cuda", threads=8, memory_gb=24.0, name="24 GB")
+    print(f"| task | target spacing (nnU-Net) | GPU 24 GB: patch, depth, batch (volume vs nnU-Net) | nnU-Net patch "
+          f"| CPU {args.threads} threads, {args.minutes:g} min: patch, width, depth, batch, s/step, iterations |")
+    print("|---|---|---|---|---|")
+    for name, info in TASKS.items():
+        fingerprint = published_fingerprint(info)
+        nn_patch, nn_spacing = NNUNET_PLANS[name]
+        on_gpu = plan_training(fingerprint, gpu, 60, {})
+        patch = on_gpu.value("train.patch_size")
+        ratio = float(np.prod(patch)) / float(np.prod(nn_patch))
+        try:
+            probe = torch_probe(fingerprint, torch.device("cpu"), "bf16" if bf16 else "fp32")
+            on_cpu = plan_training(fingerprint, DeviceSpec("cpu", threads=args.threads), args.minutes, {},
+                                   probe=probe, cpu_native_bf16=bf16)
+            cpu = (f"{on_cpu.value('train.patch_size')}, {on_cpu.value('model.base_channels')}, "
+                   f"{on_cpu.value('model.depth')}, {on_cpu.value('train.batch_size')}, "
+                   f"{on_cpu.seconds_per_step:.2f}, {on_cpu.value('train.iterations')}")
+        except PlanError as error:
+            cpu = f"does not fit: {error}"
+        spacing = [round(v, 2) for v in fingerprint.target_spacing]
+        print(f"| {name} | {spacing} ({list(nn_spacing)}) | {patch}, {on_gpu.value('model.depth')}, "
+              f"{on_gpu.value('train.batch_size')} ({ratio:.2f}x) | {list(nn_patch)} | {cpu} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""The training plan: network, patch, batch, sampler and iterations from the data, the device and the budget.
+
+nnU-Net configures itself from the dataset's fingerprint; msdseg does the same and also fits the
+device the training job gets and the time the user gives it (``train.max_minutes``):
+
+- the network follows the patch and the spacing (pooling per axis while an axis is at least 8
+  voxels and not much coarser than the finest one, as nnU-Net), width 32 doubling to 320;
+- on a GPU the patch shrinks from the median image until an activation-memory estimate at batch 2
+  fits nnU-Net's reference budget (so patches stay near nnU-Net's), and the rest of the memory
+  buys batch size (capped at 5% of the dataset's voxels per step, nnU-Net's rule);
+- on a CPU (and on any device, for the iteration count) a short measured probe of step time picks
+  the largest patch and width that still allow :data:`TARGET_ITERATIONS` steps in the budget;
+- the budget becomes recorded numbers (iterations, validation and checkpoint cadence) before the
+  loop starts, so the schedule never reads the clock and the same plan and seed give the same
+  weights however busy the machine is.
+
+Every value carries a one-line reason; values the user set are kept and marked ``user``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from msdseg.decathlon import TaskInfo, foreground_labels, label_map
+from msdseg.errors import ConfigError
+from msdseg.plan import median_target_spacing
+
+if TYPE_CHECKING:  # annotations only: planning a known task's table needs no pandas or torch
+    import pandas as pd
+    import torch
+
+# the keys the planner owns; a user who sets one keeps it (and it is marked "user")
+PLANNED_KEYS = (
+    "model.spatial_dims", "model.base_channels", "model.depth", "model.strides", "train.patch_size",
+    "train.batch_size", "train.precision", "train.label_probabilities", "train.class_weights",
+    "train.iterations", "train.validate_every", "train.checkpoint_every", "train.validation_cases",
+)
+MIN_FEATURE_SIZE = 4  # nnU-Net: stop pooling an axis when its feature map would fall below this
+MAX_DEPTH = 5
+BASE_CHANNELS = 32
+MAX_CHANNELS = 320
+# activation memory per (voxel x channel) of the U-Net at one sample, bytes, under mixed precision:
+# feature maps and their gradients of every conv, norm and activation of encoder and decoder.
+# Calibrated so that nnU-Net's Task03 plan (128^3, 32 -> 320 channels, batch 2) is about 10 GB.
+BYTES_PER_ACTIVATION = 56.0
+REFERENCE_MEMORY_GB = 10.0  # the patch is sized against this, more memory buys batch size
+TARGET_ITERATIONS = 1500  # the fewest steps a budget should buy on a slow device
+USABLE_SHARE = 0.9  # of the budget: start-up, queue filling and checkpoints take the rest
+VALIDATIONS = 5  # validations (learning-curve points) a budget should allow
+MAX_CPU_BATCH = 4
+
+
+class PlanError(ConfigError):
+    """The plan cannot fit the device or the budget; the message names the numbers and the key."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the planner knows of a dataset: shapes after resampling, spacing, channels, labels."""
+
+    median_shape: tuple[float, float, float]  # voxels on the target grid
+    target_spacing: tuple[float, float, float]
+    n_channels: int
+    labels: dict[int, str]
+    n_training: int
+    median_voxels: float = 0.0  # per image on the target grid (0: the median shape's product)
+
+    @property
+    def dataset_voxels(self) -> float:
+        return self.n_training * (self.median_voxels or float(np.prod(self.median_shape)))
+
+    @classmethod
+    def from_manifest(cls, manifest: pd.DataFrame, plan: Mapping[str, Any]) -> Fingerprint:
+        """From manifest.csv's training rows and plan.json's target spacing."""
+        training = manifest[manifest["role"] == "train"]
+        shapes = np.array([list(s) for s in training["shape"]], dtype=np.float64)
+        spacings = np.array([list(s) for s in training["spacing"]], dtype=np.float64)
+        target = plan.get("target_spacing")
+        target_spacing = np.median(spacings, axis=0) if target is None else np.array(target, dtype=np.float64)
+        resampled = shapes * spacings / target_spacing
+        return cls(tuple(float(v) for v in np.median(resampled, axis=0)),  # type: ignore[arg-type]
+                   tuple(float(v) for v in target_spacing), int(plan.get("n_channels", 1)),  # type: ignore[arg-type]
+                   label_map(plan["labels"]), len(training), float(np.median(np.prod(resampled, axis=1))))
+
+
+def published_fingerprint(info: TaskInfo) -> Fingerprint:
+    """A known task's fingerprint from the task table (no data needed), with nnU-Net's spacing rule."""
+    spacing = np.array(info.median_spacing, dtype=np.float64)
+    shape = np.array(info.median_shape, dtype=np.float64)
+    coarse = int(np.argmax(spacing))
+    spacings = np.tile(spacing, (2, 1))
+    if info.coarse_p10_spacing is not None:  # the 10th percentile, as a two-row stand-in for the distribution
+        spacings[:, coarse] = [info.coarse_p10_spacing, info.coarse_p10_spacing]
+    target = np.array(median_target_spacing(spacings, np.tile(shape, (2, 1))), dtype=np.float64)
+    target[coarse] = spacing[coarse] if info.coarse_p10_spacing is None else target[coarse]
+    resampled = shape * spacing / target
+    labels = dict(enumerate(info.labels))
+    return Fingerprint(tuple(float(v) for v in resampled), tuple(float(v) for v in target),  # type: ignore[arg-type]
+                       info.channels, labels, info.n_training)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """The device the training job will get: ``cuda`` with its memory, or ``cpu`` with its threads."""
+
+    type: str
+    threads: int = 1
+    memory_gb: float = 0.0
+    name: str = ""
+
+    def describe(self) -> str:
+        if self.type == "cuda":
+            return f"GPU {self.name or 'cuda'} ({self.memory_gb:.0f} GB)"
+        return f"CPU, {self.threads} thread(s)"
+
+
+@dataclass(frozen=True)
+class Network:
+    """A U-Net shape: patch, pooling strides per level and axis, first-level width."""
+
+    spatial_dims: int
+    patch: tuple[int, int, int]
+    strides: tuple[tuple[int, int, int], ...]
+    base_channels: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.strides)
+
+    def widths(self) -> list[int]:
+        return [min(self.base_channels * 2**level, MAX_CHANNELS) for level in range(self.depth + 1)]
+
+    def level_shapes(self) -> list[tuple[int, int, int]]:
+        shapes, shape = [], list(self.patch)
+        shapes.append(tuple(shape))
+        for stride in self.strides:
+            shape = [max(-(-s // k), 1) for s, k in zip(shape, stride)]
+            shapes.append(tuple(shape))
+        return shapes  # type: ignore[return-value]
+
+    def activations(self) -> float:
+        """Sum over levels of voxels x channels (encoder and decoder counted once: the memory model's unit)."""
+        return float(sum(np.prod(shape) * width for shape, width in zip(self.level_shapes(), self.widths())))
+
+    def flops(self, in_channels: int) -> float:
+        """Multiply-adds of one sample's forward pass (3x for a training step)."""
+        kernel = 27 if self.spatial_dims == 3 else 9
+        total, widths = 0.0, self.widths()
+        for level, (shape, width) in enumerate(zip(self.level_shapes(), widths)):
+            voxels = float(np.prod(shape))
+            c_in = in_channels if level == 0 else widths[level - 1]
+            total += voxels * kernel * (c_in * width + width * width)  # encoder block
+            if level < self.depth:
+                total += voxels * kernel * (2 * width * width + width * width)  # decoder block (concat in)
+        return total
+
+
+def pooling_strides(patch: Sequence[int], spacing: Sequence[float],
+                    spatial_dims: int) -> tuple[tuple[int, int, int], ...]:
+    """nnU-Net's topology rule: pool an axis while it stays >= 2x the minimum feature size and its
+    current spacing is at most twice the finest current spacing (anisotropic data pools in-plane first).
+    """
+    shape, current = [float(p) for p in patch], [float(s) for s in spacing]
+    strides: list[tuple[int, int, int]] = []
+    axes = (0, 1) if spatial_dims == 2 else (0, 1, 2)
+    while len(strides) < MAX_DEPTH:
+        poolable = [a for a in axes if shape[a] >= 2 * MIN_FEATURE_SIZE]
+        if not poolable:
+            break
+        finest = min(current[a] for a in poolable)
+        stride = tuple(2 if a in poolable and current[a] <= 2 * finest else 1 for a in range(3))
+        if sum(k == 2 for k in stride) == 0:
+            break
+        strides.append(stride)  # type: ignore[arg-type]
+        shape = [s / k for s, k in zip(shape, stride)]
+        current = [c * k for c, k in zip(current, stride)]
+    return tuple(strides)
+
+
+def _divisible(patch: Sequence[int], strides: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    multiple = [int(np.prod([s[a] for s in strides])) if strides else 1 for a in range(3)]
+    return tuple(max(m, int(round(p / m)) * m) for p, m in zip(patch, multiple))  # type: ignore[return-value]
+
+
+def network_for(patch: Sequence[int], spacing: Sequence[float], spatial_dims: int, base_channels: int) -> Network:
+    """The U-Net for a patch: strides from the spacing, the patch rounded to what the pooling divides."""
+    strides = pooling_strides(patch, spacing, spatial_dims)
+    return Network(spatial_dims, _divisible(patch, strides), strides, base_channels)
+
+
+def candidate_patches(fingerprint: Fingerprint, spatial_dims: int) -> Iterator[tuple[int, int, int]]:
+    """Patches from the median image down: each step shrinks the axis that is largest relative to the
+    median shape (in mm where it ties), as nnU-Net shrinks its initial patch."""
+    median = [max(int(round(s)), 1) for s in fingerprint.median_shape]
+    patch = [float(v) for v in median]
+    if spatial_dims == 2:
+        patch[2] = 1.0
+    axes = (0, 1) if spatial_dims == 2 else (0, 1, 2)
+    seen: set[tuple[int, int, int]] = set()
+    while True:
+        network = network_for([int(round(p)) for p in patch], fingerprint.target_spacing, spatial_dims, 1)
+        if network.patch not in seen:
+            seen.add(network.patch)
+            yield network.patch
+        shrinkable = [a for a in axes if patch[a] > 2 * MIN_FEATURE_SIZE]
+        if not shrinkable:
+            return
+        ratio = {a: (patch[a] / median[a], patch[a] * fingerprint.target_spacing[a]) for a in shrinkable}
+        axis = max(shrinkable, key=lambda a: ratio[a])
+        patch[axis] = max(patch[axis] * 0.85, 2 * MIN_FEATURE_SIZE)
+
+
+def memory_gb(network: Network, batch: int) -> float:
+    """Activation memory estimate of a training step under mixed precision (weights are small beside it)."""
+    return batch * network.activations() * BYTES_PER_ACTIVATION / 1e9
+
+
+def batch_cap(fingerprint: Fingerprint, network: Network) -> int:
+    """nnU-Net: one step sees at most 5% of the dataset's voxels (at least 2 samples)."""
+    return max(2, int(0.05 * fingerprint.dataset_voxels / float(np.prod(network.patch))))
+
+
+@dataclass
+class Setting:
+    """One planned value, where it came from and why."""
+
+    value: Any
+    source: str  # "planned" or "user"
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "source": self.source, "reason": self.reason}
+
+
+@dataclass
+class TrainingPlan:
+    """Every planned key with its reason, plus what the planner measured."""
+
+    settings: dict[str, Setting] = field(default_factory=dict)
+    device: DeviceSpec = field(default_factory=lambda: DeviceSpec("cpu"))
+    budget_minutes: float = 0.0
+    seconds_per_step: float | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def put(self, key: str, value: Any, reason: str, user: Mapping[str, Any]) -> Any:
+        """Record ``value`` for ``key`` unless the user set it; returns the value that holds."""
+        if key in user:
+            self.settings[key] = Setting(user[key], "user", "set in the config")
+        else:
+            self.settings[key] = Setting(value, "planned", reason)
+        return self.settings[key].value
+
+    def value(self, key: str) -> Any:
+        return self.settings[key].value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": vars(self.device), "budget_minutes": self.budget_minutes,
+                "seconds_per_step": self.seconds_per_step, "fingerprint": self.fingerprint,
+                "settings": {k: s.as_dict() for k, s in self.settings.items()}}
+
+    def table(self) -> str:
+        """A fixed-width table for the job log."""
+        rows = [(k, str(s.value), s.source, s.reason) for k, s in self.settings.items()]
+        widths = [max(len(r[i]) for r in rows + [("key", "value", "source", "reason")]) for i in range(3)]
+        lines = [f"{'key':<{widths[0]}}  {'value':<{widths[1]}}  {'source':<{widths[2]}}  reason"]
+        lines += [f"{k:<{widths[0]}}  {v:<{widths[1]}}  {s:<{widths[2]}}  {r}" for k, v, s, r in rows]
+        return "\n".join(lines)
+
+
+StepProbe = Any  # Callable[[Network, int], float]: seconds per training step, measured
+
+
+def plan_training(fingerprint: Fingerprint, device: DeviceSpec, budget_minutes: float,
+                  user: Mapping[str, Any], probe: StepProbe | None = None, n_folds: int = 5,
+                  cpu_native_bf16: bool = False) -> TrainingPlan:
+    """The training plan (see the module docstring). ``probe(network, batch)`` measures a step; without
+    one (a table from published fingerprints) the iteration count is left to the train job."""
+    plan = TrainingPlan(device=device, budget_minutes=float(budget_minutes),
+                        fingerprint={"median_shape": [round(v, 1) for v in fingerprint.median_shape],
+                                     "target_spacing": list(fingerprint.target_spacing),
+                                     "n_channels": fingerprint.n_channels, "n_training": fingerprint.n_training,
+                                     "labels": {str(k): v for k, v in fingerprint.labels.items()}})
+    dims = plan.put("model.spatial_dims", 2 if fingerprint.median_shape[2] < 2 * MIN_FEATURE_SIZE else 3,
+                    "3D unless the volumes are thinner than 8 slices (measured on Task04: see README)", user)
+    _plan_sampling(plan, fingerprint, user)
+    network, batch, step_s = _plan_network(plan, fingerprint, device, user, int(dims), probe)
+    plan.put("model.strides", [list(s) for s in network.strides],
+             "pool an axis while >= 8 voxels and not > 2x coarser than the finest (nnU-Net)", user)
+    precision = "auto" if device.type == "cuda" else ("bf16" if cpu_native_bf16 else "fp32")
+    plan.put("train.precision", precision, "CUDA: bf16 where native, else fp16; CPU: bf16 only where native", user)
+    plan.seconds_per_step = step_s
+    _plan_budget(plan, fingerprint, network, batch, step_s, n_folds, user)
+    return plan
+
+
+def _plan_sampling(plan: TrainingPlan, fingerprint: Fingerprint, user: Mapping[str, Any]) -> None:
+    foreground = list(foreground_labels(fingerprint.labels))
+    probabilities = {0: round(2 / 3, 4), **{k: round(1 / 3 / max(len(foreground), 1), 4) for k in foreground}}
+    plan.put("train.label_probabilities", probabilities,
+             "a third of the patches centred on foreground, spread over its classes (nnU-Net's oversampling)", user)
+    plan.put("train.class_weights", None, "no class weights: the Dice term balances classes (nnU-Net)", user)
+
+
+def _plan_network(plan: TrainingPlan, fingerprint: Fingerprint, device: DeviceSpec, user: Mapping[str, Any],
+                  dims: int, probe: StepProbe | None) -> tuple[Network, int, float | None]:
+    """Patch, width, depth and batch; on the CPU the largest that leaves TARGET_ITERATIONS in the budget."""
+    budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
+    fixed_patch = user.get("train.patch_size")
+    patches = [tuple(int(p) for p in fixed_patch)] if fixed_patch else list(candidate_patches(fingerprint, dims))
+    widths = [int(user["model.base_channels"])] if "model.base_channels" in user else (
+        [BASE_CHANNELS] if device.type == "cuda" else [BASE_CHANNELS, BASE_CHANNELS // 2])
+    choice: tuple[Network, int, float | None, str] | None = None
+    cost_per_flop: float | None = None
+    for patch in patches:
+        for width in widths:
+            network = network_for(patch, fingerprint.target_spacing, dims, width)
+            if device.type == "cuda":
+                if memory_gb(network, 2) > min(REFERENCE_MEMORY_GB, 0.85 * device.memory_gb):
+                    continue
+                batch = _gpu_batch(fingerprint, network, device)
+                choice = (network, batch, None, f"largest patch whose estimate at batch 2 fits "
+                          f"{min(REFERENCE_MEMORY_GB, 0.85 * device.memory_gb):.1f} GB (nnU-Net's reference)")
+                break
+            batch = min(batch_cap(fingerprint, network), MAX_CPU_BATCH)
+            if probe is None:
+                choice = (network, batch, None, "no probe: the first candidate")
+                break
+            if cost_per_flop is None:  # calibrate on a small network: the largest candidates may take minutes a step
+                reference = network_for([32, 32, 32 if dims == 3 else 1], fingerprint.target_spacing, dims, 16)
+                cost_per_flop = probe(reference, 2) / (3 * 2 * reference.flops(fingerprint.n_channels))
+            estimate = cost_per_flop * 3 * batch * network.flops(fingerprint.n_channels)
+            choice = (network, batch, estimate, f"largest patch/width with >= {TARGET_ITERATIONS} steps "
+                      f"in the budget (measured cost {estimate:.3f} s/step)")
+            if budget_s / estimate >= TARGET_ITERATIONS:
+                break
+        else:
+            continue
+        break
+    if choice is None:
+        smallest = network_for(patches[-1], fingerprint.target_spacing, dims, widths[-1])
+        raise PlanError(f"no patch fits the GPU: the smallest, {list(smallest.patch)} at batch 2, needs about "
+                        f"{memory_gb(smallest, 2):.1f} GB of {device.memory_gb:.0f} GB; set plan.gpu_memory_gb "
+                        "if the training GPU is larger, or train.patch_size and model.base_channels smaller.")
+    network, batch, _, reason = choice
+    network = Network(dims, tuple(plan.put("train.patch_size", list(network.patch), reason, user)),  # type: ignore[arg-type]
+                      network.strides, int(plan.put("model.base_channels", network.base_channels,
+                                                    "32 doubling to 320 (nnU-Net)" if device.type == "cuda"
+                                                    else "the widest that fits the budget (32 or 16)", user)))
+    network = network_for(network.patch, fingerprint.target_spacing, dims, network.base_channels)
+    plan.put("model.depth", network.depth, "pooling steps until an axis falls below 8 voxels (nnU-Net)", user)
+    batch = int(plan.put("train.batch_size", batch, "fills the GPU memory estimate, at most 5% of the dataset "
+                         "per step" if device.type == "cuda" else
+                         f"at most 5% of the dataset per step, {MAX_CPU_BATCH} at most on a CPU", user))
+    step_s = probe(network, batch) if probe is not None else None
+    return network, batch, step_s
+
+
+def _gpu_batch(fingerprint: Fingerprint, network: Network, device: DeviceSpec) -> int:
+    fits = int(0.85 * device.memory_gb / max(memory_gb(network, 1), 1e-9))
+    return max(2, min(fits, batch_cap(fingerprint, network)))
+
+
+def case_validation_seconds(fingerprint: Fingerprint, network: Network, batch: int, step_s: float) -> float:
+    """One median case's validation: grid patches (half overlap) x a forward pass (~1/3 of a step per sample)."""
+    patches = 1
+    for size, patch in zip(fingerprint.median_shape, network.patch):
+        step = max(patch - (patch // 2 - (patch // 2) % 2), 1)
+        patches *= max(1, math.ceil(max(size - patch, 0) / step) + 1)
+    return patches * step_s / (3 * batch)
+
+
+def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network, batch: int,
+                 step_s: float | None, n_folds: int, user: Mapping[str, Any]) -> None:
+    """Iterations and cadence from the measured step time and the budget (recorded, never re-read from the clock)."""
+    if step_s is None:
+        plan.put("train.iterations", None, "settled by the train job's probe on its device", user)
+        plan.put("train.validate_every", None, "a fifth of the iterations", user)
+        plan.put("train.checkpoint_every", None, "a twentieth of the iterations", user)
+        return
+    budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
+    per_case = case_validation_seconds(fingerprint, network, batch, step_s)
+    if per_case > 0.5 * budget_s:
+        raise PlanError(f"train.max_minutes {plan.budget_minutes} is too short: validating one case "
+                        f"(~{per_case:.0f} s at {step_s:.2f} s/step) would take over half of it; raise "
+                        "train.max_minutes.")
+    fold_cases = max(1, fingerprint.n_training // max(n_folds, 1))
+    # all of the fold's cases where VALIDATIONS of them take at most 20% of the budget, else fewer
+    affordable = max(1, int(0.2 * budget_s / VALIDATIONS / per_case))
+    cases = int(plan.put("train.validation_cases", min(fold_cases, affordable),
+                         f"validations take <= 20% of the budget (~{per_case:.1f} s per case); the infer "
+                         "rules still predict every case", user) or fold_cases)
+    one_validation = per_case * min(cases, fold_cases)
+    validations = max(1, min(VALIDATIONS, int(0.3 * budget_s / max(one_validation, 1e-9))))
+    iterations = max(1, int((budget_s - validations * one_validation) / step_s))
+    iterations = int(plan.put("train.iterations", iterations,
+                              f"{plan.budget_minutes} min x {USABLE_SHARE:.0%} at {step_s:.3f} s/step, less "
+                              f"{validations} validation(s) of ~{one_validation:.0f} s", user))
+    plan.put("train.validate_every", max(1, math.ceil(iterations / validations)),
+             f"{validations} learning-curve point(s) within the budget", user)
+    plan.put("train.checkpoint_every", max(1, math.ceil(iterations / 20)),
+             "20 resumable checkpoints per run", user)
+
+
+def probe_step_seconds(network: Network, batch: int, n_channels: int, n_classes: int, device: torch.device,
+                       precision: str = "fp32", steps: int = 4, warmup: int = 2) -> float:
+    """Median seconds of a real training step (forward, loss, backward, AdamW) on random data."""
+    import torch  # the planner's table needs no torch; a probe does
+
+    from msdseg.inference import autocast_dtype
+    from msdseg.model import UNet
+    from msdseg.train.loss import segmentation_loss
+
+    model = UNet(network.spatial_dims, n_channels, n_classes, network.base_channels, network.depth,
+                 strides=[list(s) for s in network.strides]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dtype = autocast_dtype(precision, device)
+    x = torch.randn(batch, n_channels, *network.patch, device=device)
+    y = torch.randint(0, n_classes, (batch, *network.patch), device=device)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        loss = segmentation_loss(logits, y, "ce+dice")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        float(loss.item())
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def apply_plan(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with every setting of a training plan (training_plan.json) in its model/train sections."""
+    result = {section: dict(config[section]) if isinstance(config.get(section), Mapping) else config[section]
+              for section in config}
+    for key, setting in plan["settings"].items():
+        section, name = key.split(".", 1)
+        if setting["value"] is not None or name in ("class_weights", "label_probabilities"):
+            result[section][name] = setting["value"]
+    return result
+
+
+def detect_device(requested: str, threads: int, gpu_memory_gb: float | None) -> tuple[DeviceSpec, bool]:
+    """The device the train job will get, and whether it is this machine's (so a probe here is real).
+
+    ``auto``: this machine's (CUDA when present). ``cuda`` on a machine without one (a cluster's
+    login node plans for a GPU node): ``plan.gpu_memory_gb`` sizes the patch, and the train job
+    settles the iteration count with a probe on its GPU.
+    """
+    import torch  # device queries only
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = here if requested == "auto" else requested
+    if kind == "cpu":
+        return DeviceSpec("cpu", threads=max(int(threads), 1)), True
+    if here == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        memory = gpu_memory_gb or props.total_memory / 1e9
+        return DeviceSpec("cuda", threads=max(int(threads), 1), memory_gb=float(memory), name=props.name), True
+    if not gpu_memory_gb:
+        raise PlanError("config key 'plan.device' is cuda but this machine has no GPU to measure; set "
+                        "plan.gpu_memory_gb to the training GPU's memory (e.g. 24), or plan.device: auto.")
+    return DeviceSpec("cuda", threads=max(int(threads), 1), memory_gb=float(gpu_memory_gb)), False
+
+
+def torch_probe(fingerprint: Fingerprint, device: torch.device, precision: str) -> StepProbe:
+    """A probe for :func:`plan_training`: real training steps of a network on ``device``."""
+    def probe(network: Network, batch: int) -> float:
+        return probe_step_seconds(network, batch, fingerprint.n_channels, len(fingerprint.labels), device, precision)
+    return probe
+
+
+def settle_budget(training_plan: Mapping[str, Any], probe_seconds: float, n_folds: int) -> dict[str, Any]:
+    """Fill a plan's deferred iteration count and cadence from a step time measured by the train job."""
+    settings = training_plan["settings"]
+    fp = training_plan["fingerprint"]
+    fingerprint = Fingerprint(tuple(fp["median_shape"]), tuple(fp["target_spacing"]), int(fp["n_channels"]),
+                              label_map(fp["labels"]), int(fp["n_training"]))
+    network = network_for(settings["train.patch_size"]["value"], fingerprint.target_spacing,
+                          int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
+    plan = TrainingPlan(budget_minutes=float(training_plan["budget_minutes"]))
+    user = {k: s["value"] for k, s in settings.items() if s["source"] == "user"}
+    _plan_budget(plan, fingerprint, network, int(settings["train.batch_size"]["value"]), probe_seconds, n_folds, user)
+    settled = {k: s.as_dict() for k, s in plan.settings.items()}
+    return {**training_plan, "seconds_per_step": probe_seconds, "settings": {**settings, **settled}}
+
+
+def settle_here(training_plan: Mapping[str, Any], n_folds: int) -> dict[str, Any]:
+    """The train job's half of a plan made for another machine: probe the chosen network here, fill the budget."""
+    import torch
+
+    settings = training_plan["settings"]
+    fp = training_plan["fingerprint"]
+    network = network_for(settings["train.patch_size"]["value"], fp["target_spacing"],
+                          int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seconds = probe_step_seconds(network, int(settings["train.batch_size"]["value"]), int(fp["n_channels"]),
+                                 len(fp["labels"]), device, str(settings["train.precision"]["value"]))
+    return settle_budget(training_plan, seconds, n_folds)
+
+
+def plan_table(training_plan: Mapping[str, Any]) -> str:
+    """training_plan.json as the fixed-width table the logs show."""
+    plan = TrainingPlan(settings={k: Setting(**s) for k, s in training_plan["settings"].items()})
+    return plan.table()

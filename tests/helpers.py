@@ -1,0 +1,133 @@
+"""Builders and checks only the tests use; fixtures around them live in conftest.py.
+
+``tests/`` is on ``sys.path`` while pytest runs, so test files (and scripts they start in a
+subprocess with ``cwd`` or ``PYTHONPATH`` at ``tests/``) import these as ``from helpers import plan``.
+
+Builders
+- :func:`plan`: a complete plan.json dict (z-score, no resampling unless ``target_spacing``).
+- :func:`tiny_config`: a validated config with a tiny U-Net and in-process data loading.
+- :func:`training_rows`: the training subjects of an extracted task as rows for ``msdseg.train``.
+
+Checks that the package itself does not need
+- :func:`predicted_volumes`, :func:`resample_to_reference`, :func:`resample_label_to_reference`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from msdseg import io
+from msdseg.config import load_config
+from msdseg.decathlon import foreground_labels, label_json, read_dataset_json, subject_id
+from msdseg.metrics import volume_ml
+from msdseg.resample import _check_grid, _resample, channels_on_reference
+
+SYNTHETIC_LABELS = {0: "background", 1: "liver", 2: "cancer"}
+HIPPOCAMPUS_LABELS = {0: "background", 1: "Anterior", 2: "Posterior"}
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def plan(
+    task: str = "Task00_SyntheticLiver",
+    labels: Mapping[Any, str] = SYNTHETIC_LABELS,
+    *,
+    modality: str = "CT",
+    target_spacing: Sequence[float] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A plan.json dict with every key :func:`msdseg.plan.read_plan` wants; ``overrides`` replace keys."""
+    built = {
+        "task": task, "labels": label_json(labels), "modality": {"0": modality}, "n_channels": 1,
+        "target_spacing": None if target_spacing is None else list(target_spacing), "inplane_size": None,
+        "image_interpolation": "linear", "clip": None, "normalization": "zscore",
+        "ct_window": None, "ct_mean": None, "ct_std": None,
+    }
+    unknown = set(overrides) - set(built)
+    assert not unknown, f"not plan keys: {sorted(unknown)}"
+    return {**built, **overrides}
+
+
+def tiny_config(
+    task: str = "Task00_SyntheticLiver",
+    model: Mapping[str, Any] | None = None,
+    infer: Mapping[str, Any] | None = None,
+    **train: Any,
+) -> dict[str, Any]:
+    """:func:`msdseg.config.load_config` with a 4-channel, depth-2 U-Net and ``num_workers: 0``.
+
+    ``model`` and ``infer`` update those sections, ``train`` keywords the train section; every
+    other key keeps its schema default.
+    """
+    return load_config({
+        "task": task,
+        "model": {"base_channels": 4, "depth": 2, **(model or {})},
+        "train": {"num_workers": 0, **train},
+        "infer": dict(infer or {}),
+    })
+
+
+def training_rows(task_dir: Path, n: int | None = None) -> list[dict[str, str]]:
+    """The first ``n`` (default all) training subjects of dataset.json as {subject, image, label} rows."""
+    dataset = read_dataset_json(Path(task_dir))
+    return [{"subject": s.subject, "image": str(s.image), "label": str(s.label)} for s in dataset.training[:n]]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def predicted_volumes(prediction_paths: Iterable[str | os.PathLike[str]], labels: Mapping[Any, str]) -> pd.DataFrame:
+    """Volume in mL of every foreground class per prediction (columns subject, label, class_name, volume_ml)."""
+    rows = []
+    classes = foreground_labels(labels)
+    for path in prediction_paths:
+        data, _, spacing = io.read_label_volume(path)
+        for key, class_name in classes.items():
+            rows.append({"subject": subject_id(path), "label": key, "class_name": class_name,
+                         "volume_ml": volume_ml(data, key, spacing)})
+    frame = pd.DataFrame(rows, columns=["subject", "label", "class_name", "volume_ml"])
+    return frame.sort_values(["subject", "label"], kind="stable").reset_index(drop=True)
+
+
+def resample_to_reference(
+    probabilities: np.ndarray, source: sitk.Image | sitk.ImageFileReader, reference: sitk.Image | sitk.ImageFileReader
+) -> np.ndarray:
+    """(C, x, y, z) on ``source``'s grid -> (C, x', y', z') float32 on ``reference``'s, all channels at once.
+
+    :func:`msdseg.resample.channels_on_reference` stacked, to compare whole volumes.
+    """
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 4:
+        raise ValueError(f"probabilities must be (C, x, y, z), got shape {probabilities.shape}")
+    reference_grid = io.spatial_geometry(reference)
+    result = np.empty((probabilities.shape[0], *reference_grid.size), dtype=np.float32)
+    for index, channel in enumerate(channels_on_reference(probabilities, source, reference)):
+        result[index] = channel
+    return result
+
+
+def resample_label_to_reference(
+    label: np.ndarray, source: sitk.Image | sitk.ImageFileReader, reference: sitk.Image | sitk.ImageFileReader
+) -> np.ndarray:
+    """(x, y, z) label map on ``source``'s grid -> (x', y', z') on ``reference``'s, nearest neighbour.
+
+    Keeps the integer dtype (bool becomes uint8).
+    """
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise ValueError(f"label must be (x, y, z), got shape {label.shape}")
+    if label.dtype == bool:
+        label = label.astype(np.uint8)
+    source_grid = io.spatial_geometry(source)
+    _check_grid(label, source_grid, "label")
+    image = io.image_on_grid(label, source_grid)
+    resampled = _resample(image, io.spatial_geometry(reference), sitk.sitkNearestNeighbor, image.GetPixelID())
+    return io.to_xyz(resampled).astype(label.dtype, copy=False)

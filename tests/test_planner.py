@@ -1,0 +1,174 @@
+"""The planner: choices for the ten MSD tasks beside nnU-Net's, budgets, devices, user keys, config layering."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import plan, tiny_config, training_rows
+from msdseg.config import ConfigError, layered_config
+from msdseg.decathlon import NNUNET_PLANS, TASKS
+from msdseg.model import load_model
+from msdseg.planner import (
+    DeviceSpec,
+    Network,
+    PlanError,
+    apply_plan,
+    network_for,
+    plan_training,
+    published_fingerprint,
+    settle_budget,
+)
+from msdseg.train import loop as train_loop
+from msdseg.train import train
+
+GPU_24GB = DeviceSpec("cuda", threads=8, memory_gb=24.0, name="24 GB")
+
+
+def flop_probe(seconds_per_gflop: float = 0.02) -> Any:
+    """A deterministic stand-in for a measured step: time proportional to the network's work."""
+    def probe(network: Network, batch: int) -> float:
+        return 3 * batch * network.flops(1) / 1e9 * seconds_per_gflop
+    return probe
+
+
+@pytest.mark.parametrize("task", sorted(NNUNET_PLANS))
+def test_plans_agree_with_nnunet_on_spacing_and_gpu_patch(task: str) -> None:
+    fingerprint = published_fingerprint(TASKS[task])
+    patch, spacing = NNUNET_PLANS[task]
+    assert np.allclose(fingerprint.target_spacing, spacing, rtol=0.03), (fingerprint.target_spacing, spacing)
+    gpu = plan_training(fingerprint, GPU_24GB, 60, {})
+    planned = gpu.value("train.patch_size")
+    ratio = float(np.prod(planned)) / float(np.prod(patch))
+    assert 0.5 <= ratio <= 2.0, f"{task}: planned {planned} vs nnU-Net {patch} ({ratio:.2f}x the volume)"
+    assert gpu.value("train.batch_size") >= 2 and gpu.value("model.spatial_dims") == 3
+    assert gpu.value("train.class_weights") is None
+    assert sum(gpu.value("train.label_probabilities").values()) == pytest.approx(1.0, abs=1e-3)
+    assert gpu.value("train.iterations") is None  # no probe here: the train job settles it on its GPU
+    strides = gpu.value("model.strides")
+    assert len(strides) == gpu.value("model.depth")
+    for axis in range(3):  # the patch divides by the pooling
+        assert planned[axis] % int(np.prod([s[axis] for s in strides])) == 0
+
+
+def test_anisotropic_tasks_pool_in_plane_first() -> None:
+    prostate = plan_training(published_fingerprint(TASKS["Task05_Prostate"]), GPU_24GB, 60, {})
+    assert prostate.value("model.strides")[0] == [2, 2, 1]
+
+
+def test_cpu_budget_sets_iterations_and_cadence_from_the_probe() -> None:
+    fingerprint = published_fingerprint(TASKS["Task04_Hippocampus"])
+    cpu = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
+    step = cpu.seconds_per_step
+    iterations = cpu.value("train.iterations")
+    assert step and iterations * step <= 15 * 60 * 0.9
+    assert iterations >= 1000
+    assert 1 <= iterations / cpu.value("train.validate_every") <= 5.01
+    assert cpu.settings["train.iterations"].source == "planned" and "s/step" in cpu.settings["train.iterations"].reason
+
+
+def test_user_keys_win_and_are_marked() -> None:
+    fingerprint = published_fingerprint(TASKS["Task04_Hippocampus"])
+    user = {"train.patch_size": [32, 48, 32], "train.iterations": 123, "model.base_channels": 8}
+    cpu = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, user, probe=flop_probe())
+    for key, value in user.items():
+        assert cpu.value(key) == value and cpu.settings[key].source == "user"
+    assert cpu.settings["train.batch_size"].source == "planned"
+
+
+def test_plan_that_cannot_fit_stops_with_numbers_and_the_key() -> None:
+    fingerprint = published_fingerprint(TASKS["Task03_Liver"])
+    with pytest.raises(PlanError, match="plan.gpu_memory_gb"):
+        plan_training(fingerprint, DeviceSpec("cuda", memory_gb=1e-5), 60, {})
+    with pytest.raises(PlanError, match="train.max_minutes"):
+        plan_training(fingerprint, DeviceSpec("cpu", threads=2), 0.05, {}, probe=flop_probe(1.0))
+
+
+def test_deferred_iterations_are_settled_by_the_train_job() -> None:
+    fingerprint = published_fingerprint(TASKS["Task09_Spleen"])
+    planned = plan_training(fingerprint, GPU_24GB, 30, {}).as_dict()
+    settled = settle_budget(planned, 0.5, n_folds=5)
+    iterations = settled["settings"]["train.iterations"]["value"]
+    assert iterations and iterations * 0.5 <= 30 * 60
+    config = apply_plan(tiny_config(), settled)
+    assert config["train"]["iterations"] == iterations
+    assert config["model"]["strides"] == planned["settings"]["model.strides"]["value"]
+
+
+def test_network_rounds_the_patch_to_its_pooling() -> None:
+    network = network_for([35, 50, 36], [1.0, 1.0, 1.0], 3, 32)
+    assert all(p % 8 == 0 for p in network.patch) and network.depth == 3
+
+
+# --------------------------------------------------------------------------- config layering
+
+
+def test_command_line_strings_become_numbers() -> None:
+    config, chosen = layered_config({"task": "Task04_Hippocampus", "train": {"iterations": "301", "folds": "[0, 1]",
+                                                                           "max_minutes": "2.5"}})
+    assert config["train"]["iterations"] == 301 and config["train"]["folds"] == [0, 1]
+    assert config["train"]["max_minutes"] == 2.5 and chosen["train.iterations"] == 301
+
+
+def test_a_preset_reaches_its_own_task_only() -> None:
+    presets = {"Task00_SyntheticLiver": {"train": {"iterations": 300, "class_weights": [1, 1, 3]}}}
+    demo, chosen = layered_config({"task": "Task00_SyntheticLiver", "presets": presets})
+    assert demo["train"]["iterations"] == 300 and "train.class_weights" in chosen
+    other, chosen = layered_config({"task": "Task09_Spleen", "presets": presets})
+    assert other["train"]["class_weights"] is None and "train.iterations" not in chosen
+    mine, _ = layered_config({"task": "Task00_SyntheticLiver", "presets": presets, "train": {"iterations": 5}})
+    assert mine["train"]["iterations"] == 5  # the user's key wins over the preset
+
+
+@pytest.mark.parametrize(("task", "train", "message"), [
+    ("Task09_Spleen", {"class_weights": [1, 1, 3]}, "3 weights for the 2 labels"),
+    ("Task01_BrainTumour", {"label_probabilities": {0: 1, 4: 1}}, "labels 4 are not in"),
+])
+def test_label_keys_are_checked_against_the_task_table(task: str, train: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        layered_config({"task": task, "train": train})
+
+
+# --------------------------------------------------------------------------- the clock never reaches the weights
+
+
+def test_slow_first_step_gives_the_same_weights(synthetic_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy machine (first step 3 s) used to switch the schedule to elapsed time; now it cannot."""
+    rows = training_rows(synthetic_dir)
+    config = tiny_config(patch_size=[24, 24, 16], batch_size=2, iterations=12, samples_per_volume=2,
+                         queue_length=4, validate_every=6, checkpoint_every=6, max_minutes=0.5,
+                         augmentation={"affine": False})
+    train(rows[:3], rows[3:], plan(), config, tmp_path / "calm", fold=0)
+    step = train_loop._step
+    calls = {"n": 0}
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(3.0)  # 3 s x 12 iterations projects past the 30 s budget
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_step", slow_step)
+    train(rows[:3], rows[3:], plan(), config, tmp_path / "busy", fold=0)
+    calm, _ = load_model(tmp_path / "calm" / "model.pt")
+    busy, meta = load_model(tmp_path / "busy" / "model.pt")
+    assert meta["iterations"] == 12 and not meta["budget_exhausted"]
+    for (name, a), (_, b) in zip(calm.state_dict().items(), busy.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_budget_that_runs_out_stops_cleanly_and_says_so(synthetic_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = training_rows(synthetic_dir)
+    config = tiny_config(patch_size=[24, 24, 16], batch_size=2, iterations=500, samples_per_volume=2,
+                         queue_length=4, validate_every=500, checkpoint_every=500, max_minutes=0.05,
+                         augmentation={"affine": False})
+    train(rows[:3], rows[3:], plan(), config, tmp_path, fold=0)
+    _, meta = load_model(tmp_path / "model.pt")
+    assert meta["budget_exhausted"] and 0 < meta["iterations"] < 500
