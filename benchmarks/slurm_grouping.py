@@ -304,7 +304,9 @@ def main() -> None:
     subjects = first(options.subjects)
     import yaml
 
-    profile_size = yaml.safe_load((PROFILE / "config.yaml").read_text())["group-components"]["resample"]
+    # the profile no longer groups (a job is a chunk of subjects): "1" labels the run as shipped
+    profile_size = (yaml.safe_load((PROFILE / "config.yaml").read_text()).get("group-components") or {}).get(
+        "resample", 1)
 
     work = Path(tempfile.mkdtemp(prefix="msdseg-grp-", dir="/tmp"))
     base_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")

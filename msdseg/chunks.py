@@ -42,10 +42,12 @@ from msdseg.errors import DatasetError
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------- rate constants
-# Measured on a 2-core x86 CPU (the project's CI machine), float32, December 2026, with
-# /tmp measurement scripts described in benchmarks/cohort_scale.py; rough (+-30%), which is all
-# that choosing a chunk size needs. A GPU runs the network part much faster: set
-# subjects_per_job to a number there if the auto chunks finish too quickly.
+# Measured on the 2-core x86 development CPU (December 2026) by timing resample_subject and
+# predict_subject on Task04_Hippocampus and Task90_LiverCT (../shared/data) at several spacings
+# and model widths, and the jobs' start-up from benchmarks/cohort_scale.py (rule benchmark minus
+# logged work). Rough (+-50%), which is all choosing a chunk size needs; an underestimate only
+# makes chunks larger. A GPU runs the network part much faster than these CPU rates: set
+# infer.subjects_per_job to a number there if auto chunks finish too quickly.
 
 START_UP_SHARE = 0.1
 """Largest share of a job that may go to its start-up when ``subjects_per_job: auto``."""
@@ -54,10 +56,11 @@ MIN_WORK_S = 10.0
 
 RESAMPLE_STARTUP_S = 0.5
 """Start-up of a resampling job: Python, Snakemake's script preamble, numpy, SimpleITK (0.45-0.65 s measured)."""
-RESAMPLE_FIXED_S = 0.03
-"""Per subject and resampled file set: reading and writing the compressed NIfTIs' headers."""
-RESAMPLE_S_PER_VOXEL = 1.0e-7
-"""Per output voxel and channel (read, linear interpolation, gzip write); 37 M voxels of CT: 4.4 s."""
+RESAMPLE_FIXED_S = 0.01
+"""Per subject: opening, reading and writing the compressed NIfTIs (12x12x8 voxels: 0.010 s)."""
+RESAMPLE_S_PER_VOXEL = 1.5e-7
+"""Per output voxel and channel (read, linear interpolation, gzip write): hippocampus (63 k voxels,
+image and label) 0.032 s; a 122x101x112 CT resampled to 37 M voxels 4.4 s (estimated 5.6 s)."""
 RESAMPLE_LABEL_FACTOR = 0.3
 """A label map (nearest neighbour, uint8) costs this share of an image channel."""
 

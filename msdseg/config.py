@@ -23,6 +23,14 @@ from msdseg.errors import ConfigError  # defined in msdseg.errors; importable fr
 if TYPE_CHECKING:  # jsonschema is imported where a config is validated: jobs that only read plan.json skip it
     import jsonschema
 
+# the keys the planner owns; a user who sets one keeps it (and it is marked "user")
+PLANNED_KEYS = (
+    "model.spatial_dims", "model.base_channels", "model.depth", "model.strides", "train.patch_size",
+    "train.batch_size", "train.precision", "train.label_probabilities", "train.class_weights",
+    "train.iterations", "train.validate_every", "train.checkpoint_every", "train.validation_cases",
+    "train.samples_per_volume", "train.queue_length",
+)
+
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 
@@ -41,8 +49,9 @@ def _parsed_schema() -> dict[str, Any]:
         return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
+@functools.lru_cache(maxsize=1)
 def _validator_filling_defaults() -> type:
-    """A Draft 2020-12 validator that writes each property's default into the instance."""
+    """A Draft 2020-12 validator that writes each property's default into the instance (built once)."""
     import jsonschema
 
     base = jsonschema.Draft202012Validator

@@ -231,6 +231,13 @@ def read_dataset_json(task_dir: Path) -> DatasetInfo:
     if not isinstance(test, list):
         raise DatasetError(f"{json_path}: key 'test' must be a list of image paths.")
 
+    subjects = _listed_subjects(task_dir, json_path, training, test)
+    name = str(data.get("name") or task_dir.name)
+    return DatasetInfo(name=name, root=task_dir, labels=labels, modality=modality, subjects=tuple(subjects))
+
+
+def _listed_subjects(task_dir: Path, json_path: Path, training: list[Any], test: list[Any]) -> list[SubjectFiles]:
+    """dataset.json's 'training' and 'test' entries as subjects, each id once."""
     subjects: list[SubjectFiles] = []
     for index, entry in enumerate(training):
         key = f"training[{index}]"
@@ -259,6 +266,4 @@ def read_dataset_json(task_dir: Path) -> DatasetInfo:
                 "without .nii.gz) must be unique across 'training' and 'test'."
             )
         seen.add(subject.subject)
-
-    name = str(data.get("name") or task_dir.name)
-    return DatasetInfo(name=name, root=task_dir, labels=labels, modality=modality, subjects=tuple(subjects))
+    return subjects

@@ -245,62 +245,86 @@ def _label_array(label: sitk.Image) -> np.ndarray:
 
 
 def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -> dict[str, Any]:
-    """One manifest row for a subject, or _Invalid for its first problem."""
+    """One manifest row for a subject, or _Invalid for its first problem (headers first: cheap)."""
     image_path = str(files.image)
     label_path = "" if files.label is None else str(files.label)
     image_header, image_scan = _open(image_path, "image")
     image_geometry = io.spatial_geometry(image_header)
-    n_channels = io.channel_count(image_header)
     if image_scan.n_nan or image_scan.n_inf:
         raise _nonfinite(image_path, image_scan.n_nan, image_scan.n_inf)
-
     if files.label is not None:
-        label_header, label_scan = _open(label_path, "label")
-        if label_scan.n_nan or label_scan.n_inf:
-            raise _Invalid(
-                label_path,
-                f"label has {label_scan.n_nan} NaN and {label_scan.n_inf} infinite voxel(s)",
-                "relabel the file with the dataset.json label values",
-            )
-        label_size = io.label_shape(label_header.GetSize())
-        if label_size != image_geometry.size:
-            raise _Invalid(
-                label_path,
-                f"label shape {label_size} differs from the image shape {image_geometry.size} "
-                f"({image_path})",
-                "the label must be on the image's voxel grid; replace the label",
-            )
-        label_geometry = io.spatial_geometry(label_header)
-        mismatch = _geometry_mismatch(image_geometry, label_geometry, tolerance)
-        if mismatch:
-            raise _Invalid(
-                label_path,
-                f"label geometry differs from the image ({mismatch}; manifest.affine_tolerance is "
-                f"{tolerance}): image {_describe(image_geometry)}; label {_describe(label_geometry)}",
-                "if the difference is only header rounding, raise manifest.affine_tolerance; "
-                "otherwise resample the label onto the image grid or replace it",
-            )
+        _check_label_header(label_path, image_path, image_geometry, tolerance)
+    stats, value_counts = _scan_voxels(image_path, label_path if files.label is not None else None,
+                                       labels, image_geometry.size)
+    row: dict[str, Any] = {
+        "subject": files.subject,
+        "role": files.role,
+        "fold": -1,
+        "image": image_path,
+        "label": label_path,
+        "n_channels": io.channel_count(image_header),
+        "shape": list(image_geometry.size),
+        "spacing": _clean(image_geometry.spacing),
+        "origin": _clean(image_geometry.origin),
+        "direction": _clean(image_geometry.direction),
+        **stats,
+    }
+    for key in labels:
+        row[f"voxels_{key}"] = int(value_counts.get(key, 0)) if files.label is not None else pd.NA
+    return row
 
-    # voxels: the image once, the label beside it, slab by slab along z
-    image = _read(image_path, "image")
+
+def _check_label_header(label_path: str, image_path: str, image_geometry: io.Geometry, tolerance: float) -> None:
+    """The label's header against the image's: finite values, the same grid (within the tolerance)."""
+    label_header, label_scan = _open(label_path, "label")
+    if label_scan.n_nan or label_scan.n_inf:
+        raise _Invalid(
+            label_path,
+            f"label has {label_scan.n_nan} NaN and {label_scan.n_inf} infinite voxel(s)",
+            "relabel the file with the dataset.json label values",
+        )
+    label_size = io.label_shape(label_header.GetSize())
+    if label_size != image_geometry.size:
+        raise _Invalid(
+            label_path,
+            f"label shape {label_size} differs from the image shape {image_geometry.size} ({image_path})",
+            "the label must be on the image's voxel grid; replace the label",
+        )
+    label_geometry = io.spatial_geometry(label_header)
+    mismatch = _geometry_mismatch(image_geometry, label_geometry, tolerance)
+    if mismatch:
+        raise _Invalid(
+            label_path,
+            f"label geometry differs from the image ({mismatch}; manifest.affine_tolerance is "
+            f"{tolerance}): image {_describe(image_geometry)}; label {_describe(label_geometry)}",
+            "if the difference is only header rounding, raise manifest.affine_tolerance; "
+            "otherwise resample the label onto the image grid or replace it",
+        )
+
+
+def _scan_voxels(image_path: str, label_path: str | None, labels: Mapping[int, str],
+                 size: Sequence[int]) -> tuple[dict[str, float], Counter]:
+    """Intensity statistics of channel 0 (whole, foreground, zero share) and label value counts.
+
+    The image once and the label beside it, slab by slab along z: a large CT costs about its size.
+    """
+    image = _read(image_path, "image")  # kept referenced: the arrays below are views of its buffer
     voxels = io.xyz_view(image)
     if voxels.ndim == 3:
         voxels = voxels[..., np.newaxis]
     first = voxels[..., 0]
     label_voxels = None
-    if files.label is not None:
+    if label_path is not None:
         label_image = _read(label_path, "label")
         try:
             label_voxels = _label_array(label_image)
         except ValueError as error:
             raise _Invalid(label_path, str(error), "replace the label with a 3D label map") from None
-
     floating = np.issubdtype(voxels.dtype, np.floating)
     whole, foreground = _Moments(), _Moments()
     fg_values: list[np.ndarray] = []
     value_counts: Counter = Counter()
     zeros = 0  # voxels exactly 0 in channel 0: a zero background (skull-stripped MRI) wants masked z-scores
-    size = image_geometry.size
     for z in _slabs(size[2], size[0] * size[1]):
         if floating and not np.isfinite(voxels[:, :, z]).all():  # non-NIfTI formats keep NaN in SimpleITK
             raise _nonfinite(
@@ -314,53 +338,30 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
             inside = first[:, :, z][label_slab > 0]
             foreground.add(inside)
             fg_values.append(inside)
-    if label_voxels is not None:
-        allowed = set(labels)
-        unknown = sorted(
-            (v for v in value_counts if not (isinstance(v, int) and v in allowed)), key=lambda v: float(v)
-        )
-        if unknown:
-            shown = ", ".join(f"{v} ({value_counts[v]} voxels)" for v in unknown[:_MAX_LISTED])
-            more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
-            raise _Invalid(
-                label_path,
-                f"label values {shown}{more} are not in dataset.json labels {sorted(allowed)}",
-                "relabel the file to the dataset.json labels or add the values to dataset.json 'labels'",
-            )
-
+    if label_path is not None:
+        _check_label_values(label_path, value_counts, labels)
     intensity = whole.stats()
     fg_mean, fg_std, _, _ = foreground.stats()
     p_low = p_high = math.nan
     if foreground.count:
-        pooled = np.concatenate(fg_values)
-        p_low, p_high = (float(v) for v in np.percentile(pooled, [0.5, 99.5]))
-        del pooled
-    del fg_values, first, voxels, label_voxels
+        p_low, p_high = (float(v) for v in np.percentile(np.concatenate(fg_values), [0.5, 99.5]))
+    stats = {"intensity_mean": intensity[0], "intensity_std": intensity[1], "intensity_min": intensity[2],
+             "intensity_max": intensity[3], "fg_mean": fg_mean, "fg_std": fg_std, "fg_p00_5": p_low,
+             "fg_p99_5": p_high, "zero_fraction": zeros / max(int(np.prod(size)), 1)}
+    return stats, value_counts
 
-    row: dict[str, Any] = {
-        "subject": files.subject,
-        "role": files.role,
-        "fold": -1,
-        "image": image_path,
-        "label": label_path,
-        "n_channels": n_channels,
-        "shape": list(image_geometry.size),
-        "spacing": _clean(image_geometry.spacing),
-        "origin": _clean(image_geometry.origin),
-        "direction": _clean(image_geometry.direction),
-        "intensity_mean": intensity[0],
-        "intensity_std": intensity[1],
-        "intensity_min": intensity[2],
-        "intensity_max": intensity[3],
-        "fg_mean": fg_mean,
-        "fg_std": fg_std,
-        "fg_p00_5": p_low,
-        "fg_p99_5": p_high,
-        "zero_fraction": zeros / max(int(np.prod(size)), 1),
-    }
-    for key in labels:
-        row[f"voxels_{key}"] = int(value_counts.get(key, 0)) if files.label is not None else pd.NA
-    return row
+
+def _check_label_values(label_path: str, value_counts: Counter, labels: Mapping[int, str]) -> None:
+    allowed = set(labels)
+    unknown = sorted((v for v in value_counts if not (isinstance(v, int) and v in allowed)), key=lambda v: float(v))
+    if unknown:
+        shown = ", ".join(f"{v} ({value_counts[v]} voxels)" for v in unknown[:_MAX_LISTED])
+        more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
+        raise _Invalid(
+            label_path,
+            f"label values {shown}{more} are not in dataset.json labels {sorted(allowed)}",
+            "relabel the file to the dataset.json labels or add the values to dataset.json 'labels'",
+        )
 
 
 # --------------------------------------------------------------------------- the table

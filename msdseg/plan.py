@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,76 +86,24 @@ def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[
     """plan.json from the training subjects of the manifest and the ``preprocess`` config section.
 
     ``preprocess`` may be partial (library use): missing keys get the schema defaults.
-    CT window from the data: the median over training subjects of each subject's foreground 0.5
-    and 99.5 percentiles (a median of per-subject values, not percentiles of all pooled voxels);
-    ct_mean/ct_std are the exact pooled foreground mean and standard deviation (nnU-Net's
-    CTNormalization statistics), combined from the per-subject moments and voxel counts.
     """
     settings = load_config({"preprocess": dict(preprocess)})["preprocess"]
     training = manifest[manifest["role"] == "train"]
     if training.empty:
         raise DatasetError("the manifest has no training subject; a plan needs labelled subjects.")
-
-    channels = sorted({int(n) for n in manifest["n_channels"]})
-    if len(channels) != 1:
-        counts = manifest.groupby("n_channels")["subject"].apply(lambda s: list(s)[:3]).to_dict()
-        raise DatasetError(
-            f"subjects have different channel counts {channels} (examples {counts}); every image of "
-            "a task needs the same channels: fix dataset.json or exclude the odd subjects."
-        )
-
-    spacing_setting = settings["spacing"]
-    if spacing_setting == "median":
-        spacings = np.array([list(s) for s in training["spacing"]], dtype=np.float64)
-        shapes = np.array([list(s) for s in training["shape"]], dtype=np.float64)
-        target_spacing: list[float] | None = median_target_spacing(spacings, shapes)
-    elif spacing_setting is None:
-        target_spacing = None
-    else:
-        target_spacing = [float(v) for v in spacing_setting]
-    inplane = settings["inplane_size"]
-
     normalization = settings["normalization"]
     if normalization == "auto":
         normalization = auto_normalization(_modality(dataset, task), training)
-
     ct_window = ct_mean = ct_std = None
     if normalization == "ct":
-        foreground_columns = [f"voxels_{k}" for k in foreground_labels(dataset.labels)]
-        missing = [c for c in foreground_columns if c not in training.columns]
-        if missing:
-            raise DatasetError(f"the manifest lacks {missing} for the dataset.json labels; rebuild manifest.csv.")
-        counts = training[foreground_columns].astype("float64").sum(axis=1).to_numpy() if foreground_columns else None
-        usable = (
-            (counts > 0) & np.isfinite(training["fg_mean"].to_numpy(dtype=np.float64))
-            if counts is not None
-            else np.zeros(len(training), dtype=bool)
-        )
-        if not usable.any():
-            raise DatasetError(
-                "normalization 'ct' needs foreground statistics, but no training label has a "
-                "foreground voxel; set preprocess.ct_window and preprocess.normalization: zscore, or fix the labels."
-            )
-        subset = training[usable]
-        n = counts[usable]
-        means = subset["fg_mean"].to_numpy(dtype=np.float64)
-        stds = subset["fg_std"].to_numpy(dtype=np.float64)
-        ct_mean = float(np.sum(n * means) / np.sum(n))
-        ct_std = float(math.sqrt(np.sum(n * (stds**2 + (means - ct_mean) ** 2)) / np.sum(n)))
-        if settings["ct_window"] is not None:
-            ct_window = [float(v) for v in settings["ct_window"]]
-        else:
-            ct_window = [
-                float(np.median(subset["fg_p00_5"].to_numpy(dtype=np.float64))),
-                float(np.median(subset["fg_p99_5"].to_numpy(dtype=np.float64))),
-            ]
-
+        ct_window, ct_mean, ct_std = _ct_statistics(training, dataset, settings["ct_window"])
+    inplane = settings["inplane_size"]
     return {
         "task": str(task),
         "labels": label_json(dataset.labels),
         "modality": label_json(dataset.modality),
-        "n_channels": channels[0],
-        "target_spacing": target_spacing,
+        "n_channels": _channels(manifest),
+        "target_spacing": _target_spacing(training, settings["spacing"]),
         "inplane_size": [int(v) for v in inplane] if inplane is not None else None,
         "image_interpolation": settings["image_interpolation"],
         "clip": [float(v) for v in settings["clip"]] if settings["clip"] is not None else None,
@@ -164,6 +112,62 @@ def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[
         "ct_mean": ct_mean,
         "ct_std": ct_std,
     }
+
+
+def _channels(manifest: pd.DataFrame) -> int:
+    channels = sorted({int(n) for n in manifest["n_channels"]})
+    if len(channels) != 1:
+        counts = manifest.groupby("n_channels")["subject"].apply(lambda s: list(s)[:3]).to_dict()
+        raise DatasetError(
+            f"subjects have different channel counts {channels} (examples {counts}); every image of "
+            "a task needs the same channels: fix dataset.json or exclude the odd subjects."
+        )
+    return channels[0]
+
+
+def _target_spacing(training: pd.DataFrame, setting: Any) -> list[float] | None:
+    """preprocess.spacing: 'median' (nnU-Net's rule), null (each image's own) or a list."""
+    if setting == "median":
+        spacings = np.array([list(s) for s in training["spacing"]], dtype=np.float64)
+        shapes = np.array([list(s) for s in training["shape"]], dtype=np.float64)
+        return median_target_spacing(spacings, shapes)
+    return None if setting is None else [float(v) for v in setting]
+
+
+def _ct_statistics(training: pd.DataFrame, dataset: DatasetInfo,
+                   fixed_window: Sequence[float] | None) -> tuple[list[float], float, float]:
+    """(window, mean, std) of CT foreground, as nnU-Net's CTNormalization.
+
+    The window is the median over training subjects of each subject's foreground 0.5 and 99.5
+    percentiles (a median of per-subject values, not percentiles of all pooled voxels); mean and
+    std are the exact pooled foreground moments, combined from per-subject moments and voxel counts.
+    """
+    foreground_columns = [f"voxels_{k}" for k in foreground_labels(dataset.labels)]
+    missing = [c for c in foreground_columns if c not in training.columns]
+    if missing:
+        raise DatasetError(f"the manifest lacks {missing} for the dataset.json labels; rebuild manifest.csv.")
+    counts = training[foreground_columns].astype("float64").sum(axis=1).to_numpy() if foreground_columns else None
+    usable = (
+        (counts > 0) & np.isfinite(training["fg_mean"].to_numpy(dtype=np.float64))
+        if counts is not None
+        else np.zeros(len(training), dtype=bool)
+    )
+    if not usable.any():
+        raise DatasetError(
+            "normalization 'ct' needs foreground statistics, but no training label has a "
+            "foreground voxel; set preprocess.ct_window and preprocess.normalization: zscore, or fix the labels."
+        )
+    subset = training[usable]
+    n = counts[usable]
+    means = subset["fg_mean"].to_numpy(dtype=np.float64)
+    stds = subset["fg_std"].to_numpy(dtype=np.float64)
+    mean = float(np.sum(n * means) / np.sum(n))
+    std = float(math.sqrt(np.sum(n * (stds**2 + (means - mean) ** 2)) / np.sum(n)))
+    if fixed_window is not None:
+        return [float(v) for v in fixed_window], mean, std
+    window = [float(np.median(subset["fg_p00_5"].to_numpy(dtype=np.float64))),
+              float(np.median(subset["fg_p99_5"].to_numpy(dtype=np.float64)))]
+    return window, mean, std
 
 
 def write_plan(plan: Mapping[str, Any], path: str | os.PathLike[str]) -> None:

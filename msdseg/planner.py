@@ -19,6 +19,9 @@ Every value carries a one-line reason; values the user set are kept and marked `
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import statistics
 import time
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from msdseg.config import PLANNED_KEYS  # noqa: F401  (re-exported: the planner's keys)
 from msdseg.decathlon import TaskInfo, foreground_labels, label_map
 from msdseg.errors import ConfigError
 from msdseg.plan import median_target_spacing
@@ -36,12 +40,6 @@ if TYPE_CHECKING:  # annotations only: planning a known task's table needs no pa
     import pandas as pd
     import torch
 
-# the keys the planner owns; a user who sets one keeps it (and it is marked "user")
-PLANNED_KEYS = (
-    "model.spatial_dims", "model.base_channels", "model.depth", "model.strides", "train.patch_size",
-    "train.batch_size", "train.precision", "train.label_probabilities", "train.class_weights",
-    "train.iterations", "train.validate_every", "train.checkpoint_every", "train.validation_cases",
-)
 MIN_FEATURE_SIZE = 4  # nnU-Net: stop pooling an axis when its feature map would fall below this
 MAX_DEPTH = 5
 BASE_CHANNELS = 32
@@ -53,8 +51,12 @@ BYTES_PER_ACTIVATION = 56.0
 REFERENCE_MEMORY_GB = 10.0  # the patch is sized against this, more memory buys batch size
 TARGET_ITERATIONS = 1500  # the fewest steps a budget should buy on a slow device
 USABLE_SHARE = 0.9  # of the budget: start-up, queue filling and checkpoints take the rest
+# a probe times the network on random tensors; in training the patch queue's workers share the
+# machine (Task04 on 2 CPU cores, one queue worker: median step 0.38 s against a 0.28 s probe, 19% of
+# it waiting for data)
+PIPELINE_OVERHEAD = {"cpu": 1.4, "cuda": 1.1}
 VALIDATIONS = 5  # validations (learning-curve points) a budget should allow
-MAX_CPU_BATCH = 4
+MAX_CPU_BATCH = {3: 4, 2: 32}  # volumes per step on a CPU; 2D steps take a batch of slices
 
 
 class PlanError(ConfigError):
@@ -265,6 +267,14 @@ class TrainingPlan:
                 "seconds_per_step": self.seconds_per_step, "fingerprint": self.fingerprint,
                 "settings": {k: s.as_dict() for k, s in self.settings.items()}}
 
+    def csv(self) -> str:
+        """key,value,source,reason rows (the HTML report's table)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["key", "value", "source", "reason"])
+        writer.writerows([k, json.dumps(s.value), s.source, s.reason] for k, s in self.settings.items())
+        return buffer.getvalue()
+
     def table(self) -> str:
         """A fixed-width table for the job log."""
         rows = [(k, str(s.value), s.source, s.reason) for k, s in self.settings.items()]
@@ -288,9 +298,10 @@ def plan_training(fingerprint: Fingerprint, device: DeviceSpec, budget_minutes: 
                                      "n_channels": fingerprint.n_channels, "n_training": fingerprint.n_training,
                                      "labels": {str(k): v for k, v in fingerprint.labels.items()}})
     dims = plan.put("model.spatial_dims", 2 if fingerprint.median_shape[2] < 2 * MIN_FEATURE_SIZE else 3,
-                    "3D unless the volumes are thinner than 8 slices (measured on Task04: see README)", user)
+                    "3D unless thinner than 8 slices (Task04, 15 CPU min: 3D beat 2D by 0.02 Dice)", user)
     _plan_sampling(plan, fingerprint, user)
     network, batch, step_s = _plan_network(plan, fingerprint, device, user, int(dims), probe)
+    _plan_queue(plan, fingerprint, network, batch, user)
     plan.put("model.strides", [list(s) for s in network.strides],
              "pool an axis while >= 8 voxels and not > 2x coarser than the finest (nnU-Net)", user)
     precision = "auto" if device.type == "cuda" else ("bf16" if cpu_native_bf16 else "fp32")
@@ -308,58 +319,103 @@ def _plan_sampling(plan: TrainingPlan, fingerprint: Fingerprint, user: Mapping[s
     plan.put("train.class_weights", None, "no class weights: the Dice term balances classes (nnU-Net)", user)
 
 
+def _plan_queue(plan: TrainingPlan, fingerprint: Fingerprint, network: Network, batch: int,
+                user: Mapping[str, Any]) -> None:
+    """Patches drawn per loaded volume, and the queue that holds a few batches of them."""
+    if network.spatial_dims == 2:
+        samples = min(max(round(fingerprint.median_shape[2] / 2), 4), 32)
+        reason = "half the slices of a median volume (4-32): loading a volume costs more than a slice"
+    else:
+        volume = fingerprint.median_voxels or float(np.prod(fingerprint.median_shape))
+        samples = min(max(round(volume / float(np.prod(network.patch)) / 4), 1), 16)
+        reason = "a quarter of the patches that tile a median volume (1-16): more would be near copies"
+    samples = int(plan.put("train.samples_per_volume", samples, reason, user))
+    plan.put("train.queue_length", max(4 * batch, 2 * samples), "four batches, at least two volumes' patches", user)
+
+
 def _plan_network(plan: TrainingPlan, fingerprint: Fingerprint, device: DeviceSpec, user: Mapping[str, Any],
                   dims: int, probe: StepProbe | None) -> tuple[Network, int, float | None]:
-    """Patch, width, depth and batch; on the CPU the largest that leaves TARGET_ITERATIONS in the budget."""
-    budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
+    """Patch, width, depth and batch: on a GPU by memory, on a CPU the largest that leaves
+    TARGET_ITERATIONS in the budget. Returns the network, the batch and its measured step time."""
     fixed_patch = user.get("train.patch_size")
     patches = [tuple(int(p) for p in fixed_patch)] if fixed_patch else list(candidate_patches(fingerprint, dims))
     widths = [int(user["model.base_channels"])] if "model.base_channels" in user else (
         [BASE_CHANNELS] if device.type == "cuda" else [BASE_CHANNELS, BASE_CHANNELS // 2])
-    choice: tuple[Network, int, float | None, str] | None = None
-    cost_per_flop: float | None = None
-    for patch in patches:
-        for width in widths:
-            network = network_for(patch, fingerprint.target_spacing, dims, width)
-            if device.type == "cuda":
-                if memory_gb(network, 2) > min(REFERENCE_MEMORY_GB, 0.85 * device.memory_gb):
-                    continue
-                batch = _gpu_batch(fingerprint, network, device)
-                choice = (network, batch, None, f"largest patch whose estimate at batch 2 fits "
-                          f"{min(REFERENCE_MEMORY_GB, 0.85 * device.memory_gb):.1f} GB (nnU-Net's reference)")
-                break
-            batch = min(batch_cap(fingerprint, network), MAX_CPU_BATCH)
-            if probe is None:
-                choice = (network, batch, None, "no probe: the first candidate")
-                break
-            if cost_per_flop is None:  # calibrate on a small network: the largest candidates may take minutes a step
-                reference = network_for([32, 32, 32 if dims == 3 else 1], fingerprint.target_spacing, dims, 16)
-                cost_per_flop = probe(reference, 2) / (3 * 2 * reference.flops(fingerprint.n_channels))
-            estimate = cost_per_flop * 3 * batch * network.flops(fingerprint.n_channels)
-            choice = (network, batch, estimate, f"largest patch/width with >= {TARGET_ITERATIONS} steps "
-                      f"in the budget (measured cost {estimate:.3f} s/step)")
-            if budget_s / estimate >= TARGET_ITERATIONS:
-                break
-        else:
+    networks = [network_for(patch, fingerprint.target_spacing, dims, width) for patch in patches for width in widths]
+    step_s: float | None = None
+    if device.type == "cuda":
+        network, reason = _fit_memory(networks, device)
+        batch = _gpu_batch(fingerprint, network, device)
+    elif probe is None:
+        network, reason = networks[0], "no probe: the largest candidate"
+        batch = min(batch_cap(fingerprint, network), MAX_CPU_BATCH[dims])
+    else:
+        network, batch, step_s, reason = _fit_budget(networks, fingerprint, plan, dims, probe)
+    patch = plan.put("train.patch_size", list(network.patch), reason, user)
+    width = plan.put("model.base_channels", network.base_channels, "32 doubling to 320 (nnU-Net)"
+                     if device.type == "cuda" else "the widest that fits the budget (32 or 16)", user)
+    chosen = network_for(patch, fingerprint.target_spacing, dims, int(width))
+    plan.put("model.depth", chosen.depth, "pooling steps until an axis falls below 8 voxels (nnU-Net)", user)
+    planned_batch = int(plan.put("train.batch_size", batch, "fills the GPU memory estimate, at most 5% of the "
+                                 "dataset per step" if device.type == "cuda" else
+                                 f"at most 5% of the dataset per step, {MAX_CPU_BATCH[dims]} at most on a CPU", user))
+    if probe is not None and (chosen != network or planned_batch != batch or step_s is None):
+        step_s = probe(chosen, planned_batch)  # the user changed what was measured: measure what will train
+    return chosen, planned_batch, step_s
+
+
+def _fit_memory(networks: Sequence[Network], device: DeviceSpec) -> tuple[Network, str]:
+    """The first (largest) network whose activation estimate at batch 2 fits the reference budget."""
+    limit = min(REFERENCE_MEMORY_GB, 0.85 * device.memory_gb)
+    for network in networks:
+        if memory_gb(network, 2) <= limit:
+            return network, f"largest patch whose estimate at batch 2 fits {limit:.1f} GB (nnU-Net's reference)"
+    smallest = networks[-1]
+    raise PlanError(f"no patch fits the GPU: the smallest, {list(smallest.patch)} at batch 2, needs about "
+                    f"{memory_gb(smallest, 2):.1f} GB of {device.memory_gb:.0f} GB; set plan.gpu_memory_gb "
+                    "if the training GPU is larger, or train.patch_size and model.base_channels smaller.")
+
+
+MAX_PROBES = 4  # real measurements while searching: bounds the plan job's time
+
+
+def _fit_budget(networks: Sequence[Network], fingerprint: Fingerprint, plan: TrainingPlan, dims: int,
+                probe: StepProbe) -> tuple[Network, int, float, str]:
+    """The largest network whose measured step leaves TARGET_ITERATIONS in the budget.
+
+    A cost model (fixed + per multiply-add, from two measured reference networks) skips the
+    candidates that cannot fit; the first that may fit is measured for real, up to MAX_PROBES.
+    """
+    budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
+    overhead = PIPELINE_OVERHEAD.get(plan.device.type, 1.2)
+    fixed, per_flop = _calibrate(probe, fingerprint, dims)
+    probes, last = 0, None
+    for network in networks:
+        batch = min(batch_cap(fingerprint, network), MAX_CPU_BATCH[dims])
+        estimate = fixed + per_flop * 3 * batch * network.flops(fingerprint.n_channels)
+        if budget_s / (estimate * overhead) < TARGET_ITERATIONS and network is not networks[-1]:
             continue
-        break
-    if choice is None:
-        smallest = network_for(patches[-1], fingerprint.target_spacing, dims, widths[-1])
-        raise PlanError(f"no patch fits the GPU: the smallest, {list(smallest.patch)} at batch 2, needs about "
-                        f"{memory_gb(smallest, 2):.1f} GB of {device.memory_gb:.0f} GB; set plan.gpu_memory_gb "
-                        "if the training GPU is larger, or train.patch_size and model.base_channels smaller.")
-    network, batch, _, reason = choice
-    network = Network(dims, tuple(plan.put("train.patch_size", list(network.patch), reason, user)),  # type: ignore[arg-type]
-                      network.strides, int(plan.put("model.base_channels", network.base_channels,
-                                                    "32 doubling to 320 (nnU-Net)" if device.type == "cuda"
-                                                    else "the widest that fits the budget (32 or 16)", user)))
-    network = network_for(network.patch, fingerprint.target_spacing, dims, network.base_channels)
-    plan.put("model.depth", network.depth, "pooling steps until an axis falls below 8 voxels (nnU-Net)", user)
-    batch = int(plan.put("train.batch_size", batch, "fills the GPU memory estimate, at most 5% of the dataset "
-                         "per step" if device.type == "cuda" else
-                         f"at most 5% of the dataset per step, {MAX_CPU_BATCH} at most on a CPU", user))
-    step_s = probe(network, batch) if probe is not None else None
-    return network, batch, step_s
+        measured = probe(network, batch)
+        probes += 1
+        last = (network, batch, measured)
+        if budget_s / (measured * overhead) >= TARGET_ITERATIONS or probes >= MAX_PROBES:
+            break
+    assert last is not None
+    network, batch, measured = last
+    return network, batch, measured, (f"largest patch/width with >= {TARGET_ITERATIONS} steps in the budget "
+                                      f"(measured {measured:.3f} s/step)")
+
+
+def _calibrate(probe: StepProbe, fingerprint: Fingerprint, dims: int) -> tuple[float, float]:
+    """(fixed seconds per step, seconds per multiply-add) from two measured reference networks."""
+    sizes = ([24, 24, 24], [40, 40, 40]) if dims == 3 else ([48, 48, 1], [128, 128, 1])
+    points = []
+    for size in sizes:
+        reference = network_for(size, fingerprint.target_spacing, dims, 16)
+        points.append((3 * 4 * reference.flops(fingerprint.n_channels), probe(reference, 4)))
+    (work_a, time_a), (work_b, time_b) = points
+    per_flop = max((time_b - time_a) / max(work_b - work_a, 1.0), 1e-15)
+    return max(time_a - per_flop * work_a, 0.0), per_flop
 
 
 def _gpu_batch(fingerprint: Fingerprint, network: Network, device: DeviceSpec) -> int:
@@ -386,6 +442,7 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
         return
     budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
     per_case = case_validation_seconds(fingerprint, network, batch, step_s)
+    step_s = step_s * PIPELINE_OVERHEAD.get(plan.device.type, 1.2)  # a training step beside its data queue
     if per_case > 0.5 * budget_s:
         raise PlanError(f"train.max_minutes {plan.budget_minutes} is too short: validating one case "
                         f"(~{per_case:.0f} s at {step_s:.2f} s/step) would take over half of it; raise "
@@ -400,7 +457,8 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
     validations = max(1, min(VALIDATIONS, int(0.3 * budget_s / max(one_validation, 1e-9))))
     iterations = max(1, int((budget_s - validations * one_validation) / step_s))
     iterations = int(plan.put("train.iterations", iterations,
-                              f"{plan.budget_minutes} min x {USABLE_SHARE:.0%} at {step_s:.3f} s/step, less "
+                              f"{plan.budget_minutes} min x {USABLE_SHARE:.0%} at {step_s:.3f} s/step (probe, "
+                              "with the data queue's share), less "
                               f"{validations} validation(s) of ~{one_validation:.0f} s", user))
     plan.put("train.validate_every", max(1, math.ceil(iterations / validations)),
              f"{validations} learning-curve point(s) within the budget", user)
@@ -487,7 +545,8 @@ def settle_budget(training_plan: Mapping[str, Any], probe_seconds: float, n_fold
                               label_map(fp["labels"]), int(fp["n_training"]))
     network = network_for(settings["train.patch_size"]["value"], fingerprint.target_spacing,
                           int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
-    plan = TrainingPlan(budget_minutes=float(training_plan["budget_minutes"]))
+    plan = TrainingPlan(budget_minutes=float(training_plan["budget_minutes"]),
+                        device=DeviceSpec(**training_plan["device"]))
     user = {k: s["value"] for k, s in settings.items() if s["source"] == "user"}
     _plan_budget(plan, fingerprint, network, int(settings["train.batch_size"]["value"]), probe_seconds, n_folds, user)
     settled = {k: s.as_dict() for k, s in plan.settings.items()}

@@ -6,6 +6,12 @@ probabilities on the resampled grid (:func:`msdseg.inference.predict_probabiliti
 over the models -> probabilities mapped onto the original grid, one class at a time, with a
 running argmax -> uint8 NIfTI with the original header (affine, shape, orientation), written
 atomically.
+
+Many subjects in one process (a workflow job's chunk): :func:`predict_chunk` loads the models
+once (:func:`load_models`) and runs the same steps per subject (:func:`predict_loaded`), byte for
+byte what :func:`predict_subject` writes. New images (the ``predict_folder`` target):
+:func:`predict_cases` checks every image against the models first, then resamples each with the
+models' own plan from model.pt and predicts it the same way.
 """
 
 from __future__ import annotations

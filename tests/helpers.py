@@ -131,3 +131,78 @@ def resample_label_to_reference(
     image = io.image_on_grid(label, source_grid)
     resampled = _resample(image, io.spatial_geometry(reference), sitk.sitkNearestNeighbor, image.GetPixelID())
     return io.to_xyz(resampled).astype(label.dtype, copy=False)
+
+
+def write_task_folder(root: Path, name: str, *, labels: Sequence[str], channels: int = 1,
+                      shape: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                      n_train: int = 10, n_test: int = 2, zero_background: bool = False,
+                      modality: str = "MRI", seed: int = 0) -> Path:
+    """A small Decathlon-format task folder of nested ellipsoids (one per foreground label), for planner runs.
+
+    ``channels`` > 1 writes 4D images (x, y, z, c); ``zero_background`` sets every voxel outside the
+    outer ellipsoid to exactly 0 in every channel (skull-stripped MRI, as BrainTumour).
+    """
+    import json
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    task = Path(root) / name
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (task / folder).mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*map(float, spacing), 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    training, test = [], []
+    for index in range(n_train + n_test):
+        center = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+        label = np.zeros(shape, dtype=np.uint8)
+        radius = np.array(shape) * rng.uniform(0.3, 0.38)
+        for value in range(1, len(labels)):
+            inside = (((grid - center[:, None, None, None]) / radius[:, None, None, None]) ** 2).sum(0) <= 1
+            label[inside] = value
+            radius = radius * 0.6
+        body = (((grid - center[:, None, None, None]) / (np.array(shape)[:, None, None, None] * 0.45)) ** 2).sum(0) <= 1
+        image = np.stack([100.0 * (c + 1) + 40.0 * label + rng.normal(0, 10, shape) for c in range(channels)], -1)
+        if zero_background:
+            image[~body] = 0.0
+        image = image.astype(np.float32)[..., 0] if channels == 1 else image.astype(np.float32)
+        case = f"{name.lower()}_{index:03d}.nii.gz"
+        if index < n_train:
+            nib.save(nib.Nifti1Image(image, affine), task / "imagesTr" / case)
+            nib.save(nib.Nifti1Image(label, affine), task / "labelsTr" / case)
+            training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
+        else:
+            nib.save(nib.Nifti1Image(image, affine), task / "imagesTs" / case)
+            test.append(f"./imagesTs/{case}")
+    names = {str(c): f"{modality}{c}" if channels > 1 else modality for c in range(channels)}
+    dataset = {"name": name, "modality": names,
+               "labels": {str(k): v for k, v in enumerate(labels)}, "training": training, "test": test}
+    (task / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    return task
+
+
+def merged_hippocampus(source: Path, root: Path, n: int = 16) -> Path:
+    """A 2-label task from the real Task04 cases: anterior and posterior merged into one hippocampus."""
+    import json
+
+    import nibabel as nib
+
+    dataset = read_dataset_json(Path(source))
+    task = Path(root) / "Task84_Hippocampus2"
+    entries = []
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (task / folder).mkdir(parents=True, exist_ok=True)
+    training = [s for s in dataset.subjects if s.role == "train"][:n]
+    for subject in training:
+        label = nib.load(subject.label)
+        merged = (np.asarray(label.dataobj) > 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(merged, label.affine), task / "labelsTr" / subject.label.name)
+        (task / "imagesTr" / subject.image.name).write_bytes(subject.image.read_bytes())
+        entries.append({"image": f"./imagesTr/{subject.image.name}", "label": f"./labelsTr/{subject.label.name}"})
+    tests = [s for s in dataset.subjects if s.role == "test"][:2]
+    for subject in tests:
+        (task / "imagesTs" / subject.image.name).write_bytes(subject.image.read_bytes())
+    (task / "dataset.json").write_text(json.dumps({
+        "name": task.name, "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "hippocampus"},
+        "training": entries, "test": [f"./imagesTs/{s.image.name}" for s in tests]}, indent=1))
+    return task

@@ -84,7 +84,8 @@ def test_ddp_two_ranks_gloo(synthetic_dir: Path, tmp_path: Path, ddp_env: None) 
 
 def test_ddp_rank_error_is_reported(synthetic_dir: Path, tmp_path: Path, ddp_env: None) -> None:
     """A rank that fails ends the run (no hang) with the rank's own message."""
-    config = _config(class_weights=[1.0, 2.0])  # 2 weights for 3 labels
+    config = _config()
+    config["train"]["class_weights"] = [1.0, 2.0]  # 2 weights for 3 labels, past load_config's check: ranks find it
     with pytest.raises(MsdsegError, match=r"rank \d of 2.*class_weights"):
         train(training_rows(synthetic_dir), [], PLAN, config, tmp_path, fold=0, threads=2)
     assert not (tmp_path / "model.pt").exists()

@@ -31,7 +31,7 @@ from slurm_cluster import SlurmCluster, missing_commands
 REPOSITORY = Path(__file__).resolve().parents[1]
 SLURM_PROFILE = REPOSITORY / "profiles" / "slurm"
 DEFAULT_PROFILE = REPOSITORY / "profiles" / "default"
-GPU_RULES = {"train", "infer_fold", "infer_test"}
+GPU_RULES = {"plan_training", "train", "infer_fold", "infer_test", "infer_folder"}
 STANDARD_RESOURCES = {
     "gpu", "gpu_model", "mem_mb", "runtime", "cpus_per_task", "slurm_partition", "slurm_account",
 }
@@ -78,8 +78,8 @@ def test_slurm_profile_uses_standard_resource_names_and_no_gres():
         assert not re.search(r"--(gres|gpus)\b", str(resources.get("slurm_extra", ""))), rule
         expected = "gpu" if rule in GPU_RULES else "cpu"
         assert resources["slurm_partition"] == expected, rule
-        # train's count comes from the rule (train.devices); test_devices.py checks what it asks
-        assert (resources.get("gpu", 0) >= 1) == (rule in GPU_RULES - {"train"}), rule
+        # train's (and its probe's) count comes from the rule (train.devices); test_devices.py checks it
+        assert (resources.get("gpu", 0) >= 1) == (rule in GPU_RULES - {"train", "plan_training"}), rule
     assert settings["set-resource-scopes"] == {"gpu": "local"}
 
 
@@ -101,16 +101,29 @@ def _workflow_rules() -> set[str]:
     return {line.split()[0] for line in run.stdout.splitlines() if line and not line[0].isspace()}
 
 
+def _local_rules() -> set[str]:
+    """Rules marked ``localrule: True``: they run where Snakemake runs and are never submitted."""
+    local, rule = set(), None
+    for path in [REPOSITORY / "Snakefile", *(REPOSITORY / "workflow" / "rules").glob("*.smk")]:
+        for line in path.read_text().splitlines():
+            declared = re.match(r"^\s*(?:rule|checkpoint) (\w+):", line)
+            if declared:
+                rule = declared.group(1)
+            elif rule and re.match(r"^\s+localrule:\s*True", line):
+                local.add(rule)
+    return local
+
+
 def test_slurm_profile_names_every_rule_and_group_of_the_workflow():
     if not (REPOSITORY / "Snakefile").exists():
         pytest.skip(reason="no Snakefile yet")
-    rules = _workflow_rules() - {"all"}
+    rules = _workflow_rules() - {"all"} - _local_rules()
     settings = profile(SLURM_PROFILE)
-    assert rules == set(settings["set-resources"]), "profiles/slurm set-resources vs rules"
+    assert rules == set(settings["set-resources"]) - _local_rules(), "profiles/slurm set-resources vs submitted rules"
     groups = set()
     for path in (REPOSITORY / "workflow" / "rules").glob("*.smk"):
         groups |= set(re.findall(r"^\s+group:\s*\n\s+\"(\w+)\"", path.read_text(), re.M))
-    assert set(settings["group-components"]) <= groups
+    assert set(settings.get("group-components") or {}) <= groups
 
 
 # ------------------------------------------------------------------------ the cluster
@@ -181,13 +194,13 @@ def _rules_run_in_slurm(workdir: Path) -> Counter:
 
 
 def _partitions_are_right(jobs: list[dict[str, str]]) -> None:
-    """GPU jobs (train, infer_* and the `infer` group) in `gpu` with one GPU, the rest in `cpu`.
+    """GPU jobs (plan_training, train, infer_* and the `infer` group) in `gpu` with one GPU, the rest in `cpu`.
 
     The plugin comments a job `rule_<rule>[_wildcards_...]`, a group job `rule_<group>_<rules>`.
     """
     seen = [(job["JobId"], job["Comment"], job["Partition"], job.get("TresPerJob")) for job in jobs]
     for job in jobs:
-        gpu_job = re.match(r"rule_(train|infer)(_|$)", job["Comment"]) is not None
+        gpu_job = re.match(r"rule_(plan_training|train|infer)(_|$)", job["Comment"]) is not None
         assert job["Partition"] == ("gpu" if gpu_job else "cpu"), seen
         assert ("gpu:1" in job.get("TresPerJob", "")) == gpu_job, seen
 
@@ -260,7 +273,7 @@ def test_profile_sends_every_job_through_sbatch_to_its_partition_grouped(slurm_c
     output = _run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--cores", "2",
          "--nocolor", *CLUSTER_OPTIONS,
-         "--group-components", "resample=4", "infer=4"],  # bundling, as documented for fresh runs
+         "--group-components", "resample=4", "infer=4"],  # Snakemake's grouping, with the profile
         cwd=tmp_path, env=slurm_cluster.env,
     )
     jobs = _slurm_jobs_of(slurm_cluster, output)
@@ -320,7 +333,6 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
     # side by side: the SLURM run mostly waits for its status polls
     slurm_run = _start_snakemake(
         tmp_path / "slurm", slurm_cluster.env, "--profile", str(SLURM_PROFILE), *CLUSTER_OPTIONS,
-        "--group-components", "resample=4", "infer=4",  # bundling, as documented for fresh runs
     )
     local_run = _start_snakemake(tmp_path / "local", dict(os.environ))
     local_out = _finish(local_run, tmp_path / "local")
@@ -331,9 +343,11 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
     _partitions_are_right(jobs)
     expected = _finished_per_rule(local_out)
     expected.pop("all", None)
-    assert _rules_run_in_slurm(tmp_path / "slurm") == expected
+    submitted = Counter({rule: n for rule, n in expected.items() if rule not in _local_rules()})
+    assert _rules_run_in_slurm(tmp_path / "slurm") == submitted
     assert _finished_per_rule(slurm_out) - Counter({"all": 1}) == expected
-    assert len(jobs) < sum(expected.values())  # grouping bundled the per-subject jobs
+    # one SLURM job per chunk of subjects: fewer jobs than subjects placed
+    assert len(jobs) == sum(submitted.values()) < sum(expected.values())
 
     # the results are the same
     local, slurm = (tmp_path / name / "results" / TASK for name in ("local", "slurm"))

@@ -161,8 +161,8 @@ rule resample_test:
 
 
 # A placed file is a hard link to the staged one (no copy; a copy across file systems), touched
-# so that it is newer than its chunk. Local jobs: a shell command in the Snakemake process's
-# machine, never a cluster job.
+# so that it is newer than its chunk (common.smk: PLACE). Local jobs: a shell command on the
+# Snakemake process's machine, never a cluster job.
 
 
 rule place_resampled_training:
@@ -173,13 +173,12 @@ rule place_resampled_training:
         image=result("resampled/imagesTr/{subject}.nii.gz"),
         label=result("resampled/labelsTr/{subject}.nii.gz"),
     localrule: True
-    params:
-        image=lambda wildcards, input: staged(input.chunk, wildcards.subject, f"imagesTr/{wildcards.subject}.nii.gz"),
-        label=lambda wildcards, input: staged(input.chunk, wildcards.subject, f"labelsTr/{wildcards.subject}.nii.gz"),
+    threads: 0
+    resources:
+        **PLACE_RESOURCES,
     shell:
-        "{{ ln -f {params.image:q} {output.image:q} 2>/dev/null || cp {params.image:q} {output.image:q}; }}"
-        " && {{ ln -f {params.label:q} {output.label:q} 2>/dev/null || cp {params.label:q} {output.label:q}; }}"
-        " && touch {output.image:q} {output.label:q}"
+        PLACE + "place {input.chunk:q}/imagesTr/{wildcards.subject:q}.nii.gz {output.image:q}"
+        " && place {input.chunk:q}/labelsTr/{wildcards.subject:q}.nii.gz {output.label:q}"
 
 
 rule place_resampled_test:
@@ -189,8 +188,8 @@ rule place_resampled_test:
     output:
         image=result("resampled/imagesTs/{subject}.nii.gz"),
     localrule: True
-    params:
-        image=lambda wildcards, input: staged(input.chunk, wildcards.subject, f"imagesTs/{wildcards.subject}.nii.gz"),
+    threads: 0
+    resources:
+        **PLACE_RESOURCES,
     shell:
-        "{{ ln -f {params.image:q} {output.image:q} 2>/dev/null || cp {params.image:q} {output.image:q}; }}"
-        " && touch {output.image:q}"
+        PLACE + "place {input.chunk:q}/imagesTs/{wildcards.subject:q}.nii.gz {output.image:q}"

@@ -66,11 +66,11 @@ rule place_fold_prediction:
     output:
         prediction=result("fold{fold}/predictions/{subject}.nii.gz"),
     localrule: True
-    params:
-        staged=lambda wildcards, input: staged(input.chunk, wildcards.subject),
+    threads: 0
+    resources:
+        **PLACE_RESOURCES,
     shell:
-        "{{ ln -f {params.staged:q} {output.prediction:q} 2>/dev/null || cp {params.staged:q} {output.prediction:q}; }}"
-        " && touch {output.prediction:q}"
+        PLACE + "place {input.chunk:q}/{wildcards.subject:q}.nii.gz {output.prediction:q}"
 
 
 rule place_test_prediction:
@@ -80,11 +80,11 @@ rule place_test_prediction:
     output:
         prediction=result("predictions/test/{subject}.nii.gz"),
     localrule: True
-    params:
-        staged=lambda wildcards, input: staged(input.chunk, wildcards.subject),
+    threads: 0
+    resources:
+        **PLACE_RESOURCES,
     shell:
-        "{{ ln -f {params.staged:q} {output.prediction:q} 2>/dev/null || cp {params.staged:q} {output.prediction:q}; }}"
-        " && touch {output.prediction:q}"
+        PLACE + "place {input.chunk:q}/{wildcards.subject:q}.nii.gz {output.prediction:q}"
 
 
 # --------------------------------------------------------------------------- new images
@@ -126,11 +126,11 @@ rule place_folder_prediction:
     output:
         prediction=os.path.join(FOLDER_OUT, "{case}.nii.gz"),
     localrule: True
-    params:
-        staged=lambda wildcards, input: staged(input.chunk, wildcards.case),
+    threads: 0
+    resources:
+        **PLACE_RESOURCES,
     shell:
-        "{{ ln -f {params.staged:q} {output.prediction:q} 2>/dev/null || cp {params.staged:q} {output.prediction:q}; }}"
-        " && touch {output.prediction:q}"
+        PLACE + "place {input.chunk:q}/{wildcards.case:q}.nii.gz {output.prediction:q}"
 
 
 rule predict_folder:

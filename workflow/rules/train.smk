@@ -8,6 +8,7 @@ rule plan_training:
         plan=result("plan.json"),
     output:
         plan=result("training_plan.json"),
+        table=report(result("training_plan.csv"), caption="../report/training_plan.rst", category="Plan"),
     log:
         log_path("plan_training"),
     conda:

@@ -37,3 +37,4 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
                              n_folds=snakemake.params.n_folds, cpu_native_bf16=native_bf16)
     logging.getLogger("msdseg.plan").info("training plan for %s:\n%s", device.describe(), training.table())
     write_text(json.dumps(training.as_dict(), indent=2, sort_keys=True) + "\n", snakemake.output.plan)
+    write_text(training.csv(), snakemake.output.table)

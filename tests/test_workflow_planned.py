@@ -1,0 +1,65 @@
+"""Tasks of the user's own, set by task, source and a small budget only: the plan rules configure the rest.
+
+Each run goes from a Decathlon-format folder to dice_summary.csv through the real workflow, and
+its plan is checked for the choices a user of this field would defend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from helpers import merged_hippocampus, write_task_folder
+from workflow_runner import output_of, snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path: Path, task: Path, minutes: float = 0.4) -> tuple[dict, dict, pd.DataFrame]:
+    config = {"task": task.name, "source": {"folder": str(task)}, "train": {"max_minutes": minutes}}
+    run = snakemake(tmp_path / "run", config=config)
+    assert run.returncode == 0, output_of(run)[-4000:]
+    results = tmp_path / "run" / "results" / task.name
+    plan = json.loads((results / "plan.json").read_text())
+    training = json.loads((results / "training_plan.json").read_text())
+    for key, setting in training["settings"].items():
+        assert setting["reason"], key
+        # only the budget was set: every method choice is the planner's
+        assert setting["source"] == "planned", (key, setting)
+    return plan, training, pd.read_csv(results / "dice_summary.csv")
+
+
+def test_two_label_task_from_real_hippocampus(tmp_path: Path, hippocampus_dir: Path) -> None:
+    task = merged_hippocampus(hippocampus_dir, tmp_path / "data")
+    plan, training, summary = _run(tmp_path, task)
+    settings = training["settings"]
+    assert plan["normalization"] == "zscore" and plan["target_spacing"] == [1.0, 1.0, 1.0]
+    assert set(settings["train.label_probabilities"]["value"]) == {"0", "1"}
+    assert settings["train.class_weights"]["value"] is None
+    assert set(summary["class_name"]) == {"hippocampus"}
+
+
+def test_anisotropic_two_channel_task(tmp_path: Path) -> None:
+    """Prostate-like: 0.6 x 0.6 x 3.6 mm, T2 + ADC, 3 labels: pools in-plane first, 3D."""
+    task = write_task_folder(tmp_path / "data", "Task85_ProstateLike", labels=("background", "PZ", "TZ"),
+                             channels=2, shape=(64, 64, 12), spacing=(0.6, 0.6, 3.6))
+    plan, training, summary = _run(tmp_path, task)
+    settings = training["settings"]
+    assert plan["n_channels"] == 2 and plan["target_spacing"] == pytest.approx([0.6, 0.6, 3.6])
+    assert settings["model.strides"]["value"][0] == [2, 2, 1]
+    assert settings["model.spatial_dims"]["value"] == 3
+    assert set(summary["class_name"]) >= {"PZ", "TZ"}
+
+
+def test_four_channel_zero_background_task(tmp_path: Path) -> None:
+    """BrainTumour-like: 4 channels, background exactly 0, 4 labels: z-score over the non-zero voxels."""
+    task = write_task_folder(tmp_path / "data", "Task86_BrainLike",
+                             labels=("background", "edema", "non-enhancing", "enhancing"),
+                             channels=4, shape=(40, 40, 40), zero_background=True)
+    plan, training, summary = _run(tmp_path, task)
+    assert plan["n_channels"] == 4 and plan["normalization"] == "zscore_nonzero"
+    assert set(training["settings"]["train.label_probabilities"]["value"]) == {"0", "1", "2", "3"}
+    assert "all" in set(summary["fold"].astype(str))
