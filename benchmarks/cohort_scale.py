@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from msdseg.chunks import parse_work, read_cohort  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from workflow_runner import planned_jobs  # noqa: E402  (tests/workflow_runner.py: one parser of the job table)
+
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 HIPPOCAMPUS = "Task04_Hippocampus"
 TINY_TASK = "Task95_TinyCohort"
@@ -89,24 +92,6 @@ def snakemake(workdir: Path, config: dict, *args: str, cores: int = 2) -> tuple[
     if done.returncode != 0:
         raise RuntimeError(f"snakemake {' '.join(args)} failed:\n{output[-6000:]}")
     return seconds, output
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """Job counts per rule from Snakemake's job stats table."""
-    counts: dict[str, int] = {}
-    in_table = False
-    for line in output.splitlines():
-        parts = line.split()
-        if parts[:2] == ["job", "count"]:
-            in_table = True
-            continue
-        if in_table:
-            if len(parts) == 2 and parts[1].isdigit():
-                if parts[0] != "total":
-                    counts[parts[0]] = int(parts[1])
-            elif parts and not set(parts[0]) <= {"-"}:
-                in_table = False
-    return counts
 
 
 def median_time(workdir: Path, config: dict, *args: str, repeat: int = 3) -> float:

@@ -137,13 +137,17 @@ def test_label_keys_are_checked_against_the_task_table(task: str, train: dict[st
 # --------------------------------------------------------------------------- the clock never reaches the weights
 
 
+def _synthetic_config(iterations: int, every: int, minutes: float) -> dict[str, Any]:
+    return tiny_config(patch_size=[24, 24, 16], batch_size=2, iterations=iterations, samples_per_volume=2,
+                       queue_length=4, validate_every=every, checkpoint_every=every, max_minutes=minutes,
+                       augmentation={"affine": False})
+
+
 def test_slow_first_step_gives_the_same_weights(synthetic_dir: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A busy machine (first step 3 s) used to switch the schedule to elapsed time; now it cannot."""
     rows = training_rows(synthetic_dir)
-    config = tiny_config(patch_size=[24, 24, 16], batch_size=2, iterations=12, samples_per_volume=2,
-                         queue_length=4, validate_every=6, checkpoint_every=6, max_minutes=0.5,
-                         augmentation={"affine": False})
+    config = _synthetic_config(12, 6, 0.5)
     train(rows[:3], rows[3:], plan(), config, tmp_path / "calm", fold=0)
     step = train_loop._step
     calls = {"n": 0}
@@ -163,12 +167,9 @@ def test_slow_first_step_gives_the_same_weights(synthetic_dir: Path, tmp_path: P
         assert torch.equal(a, b), name
 
 
-def test_budget_that_runs_out_stops_cleanly_and_says_so(synthetic_dir: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_that_runs_out_stops_cleanly_and_says_so(synthetic_dir: Path, tmp_path: Path) -> None:
     rows = training_rows(synthetic_dir)
-    config = tiny_config(patch_size=[24, 24, 16], batch_size=2, iterations=500, samples_per_volume=2,
-                         queue_length=4, validate_every=500, checkpoint_every=500, max_minutes=0.05,
-                         augmentation={"affine": False})
+    config = _synthetic_config(500, 500, 0.05)
     train(rows[:3], rows[3:], plan(), config, tmp_path, fold=0)
     _, meta = load_model(tmp_path / "model.pt")
     assert meta["budget_exhausted"] and 0 < meta["iterations"] < 500

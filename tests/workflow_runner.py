@@ -48,11 +48,11 @@ def output_of(process: subprocess.CompletedProcess[str]) -> str:
     return process.stdout + process.stderr
 
 
-def planned_jobs(process: subprocess.CompletedProcess[str]) -> dict[str, int]:
-    """Job counts per rule from a dry run's summary table ("job  count" lines)."""
+def planned_jobs(process: subprocess.CompletedProcess[str] | str) -> dict[str, int]:
+    """Job counts per rule from a dry run's summary table ("job  count" lines); a process or its output."""
     counts: dict[str, int] = {}
     in_table = False
-    for line in output_of(process).splitlines():
+    for line in (process if isinstance(process, str) else output_of(process)).splitlines():
         parts = line.split()
         if parts[:2] == ["job", "count"]:
             in_table = True
