@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from msdseg.decathlon import NNUNET_PLANS, TASKS  # noqa: E402
-from msdseg.inference import cpu_has_native_bf16  # noqa: E402
+from msdseg.devices import cpu_has_native_bf16  # noqa: E402
 from msdseg.planner import DeviceSpec, PlanError, plan_training, published_fingerprint, torch_probe  # noqa: E402
 
 

@@ -40,7 +40,7 @@ from msdseg.archive import safe_extract  # noqa: E402
 from msdseg.config import layered_config  # noqa: E402
 from msdseg.data import IMAGE, make_loader, make_queue, mirror_axes, subjects_from_paths  # noqa: E402
 from msdseg.decathlon import foreground_labels, read_dataset_json  # noqa: E402
-from msdseg.inference import cpu_has_native_bf16  # noqa: E402
+from msdseg.devices import cpu_has_native_bf16  # noqa: E402
 from msdseg.manifest import build_manifest  # noqa: E402
 from msdseg.metrics import evaluate_subject  # noqa: E402
 from msdseg.plan import make_plan  # noqa: E402

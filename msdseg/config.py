@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from msdseg.decathlon import SYNTHETIC_TASK, TASKS
+from msdseg.decathlon import SYNTHETIC_LABELS, SYNTHETIC_TASK, TASKS, label_map
 from msdseg.errors import ConfigError  # defined in msdseg.errors; importable from here as well
 
 if TYPE_CHECKING:  # jsonschema is imported where a config is validated: jobs that only read plan.json skip it
@@ -214,7 +214,7 @@ def known_labels(task: str) -> dict[int, str] | None:
     if task in TASKS:
         return dict(enumerate(TASKS[task].labels))
     if task == SYNTHETIC_TASK:
-        return {0: "background", 1: "liver", 2: "cancer"}
+        return label_map(SYNTHETIC_LABELS)
     return None
 
 

@@ -18,6 +18,8 @@ _V = TypeVar("_V")
 
 SYNTHETIC_TASK = "Task00_SyntheticLiver"
 """The embedded demo task (``msdseg.synthetic``), the workflow's default dataset."""
+SYNTHETIC_LABELS = {"0": "background", "1": "liver", "2": "cancer"}
+"""The demo's dataset.json labels (the torchio liver tutorial's classes)."""
 
 _MIRROR = "https://msd-for-monai.s3-us-west-2.amazonaws.com"
 

@@ -36,14 +36,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return resolve_precision(precision, device)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 convolutions in hardware (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch without the probes: assume emulation
-        return False
-
-
 def default_overlap(patch_size: Sequence[int]) -> tuple[int, int, int]:
     """Half the patch on each axis, rounded down to an even number (torchio needs even overlaps)."""
     return tuple(int(p) // 2 - (int(p) // 2) % 2 for p in patch_size)  # type: ignore[return-value]

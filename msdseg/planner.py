@@ -33,6 +33,7 @@ import numpy as np
 
 from msdseg.config import PLANNED_KEYS  # noqa: F401  (re-exported: the planner's keys)
 from msdseg.decathlon import TaskInfo, foreground_labels, label_map
+from msdseg.devices import default_device
 from msdseg.errors import ConfigError
 from msdseg.plan import median_target_spacing
 
@@ -537,33 +538,34 @@ def torch_probe(fingerprint: Fingerprint, device: torch.device, precision: str) 
     return probe
 
 
+def _planned_network(training_plan: Mapping[str, Any]) -> Network:
+    """The network a training_plan.json describes."""
+    settings = training_plan["settings"]
+    return network_for(settings["train.patch_size"]["value"], training_plan["fingerprint"]["target_spacing"],
+                       int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
+
+
 def settle_budget(training_plan: Mapping[str, Any], probe_seconds: float, n_folds: int) -> dict[str, Any]:
     """Fill a plan's deferred iteration count and cadence from a step time measured by the train job."""
     settings = training_plan["settings"]
     fp = training_plan["fingerprint"]
     fingerprint = Fingerprint(tuple(fp["median_shape"]), tuple(fp["target_spacing"]), int(fp["n_channels"]),
                               label_map(fp["labels"]), int(fp["n_training"]))
-    network = network_for(settings["train.patch_size"]["value"], fingerprint.target_spacing,
-                          int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
     plan = TrainingPlan(budget_minutes=float(training_plan["budget_minutes"]),
                         device=DeviceSpec(**training_plan["device"]))
     user = {k: s["value"] for k, s in settings.items() if s["source"] == "user"}
-    _plan_budget(plan, fingerprint, network, int(settings["train.batch_size"]["value"]), probe_seconds, n_folds, user)
+    _plan_budget(plan, fingerprint, _planned_network(training_plan), int(settings["train.batch_size"]["value"]),
+                 probe_seconds, n_folds, user)
     settled = {k: s.as_dict() for k, s in plan.settings.items()}
     return {**training_plan, "seconds_per_step": probe_seconds, "settings": {**settings, **settled}}
 
 
 def settle_here(training_plan: Mapping[str, Any], n_folds: int) -> dict[str, Any]:
     """The train job's half of a plan made for another machine: probe the chosen network here, fill the budget."""
-    import torch
-
-    settings = training_plan["settings"]
-    fp = training_plan["fingerprint"]
-    network = network_for(settings["train.patch_size"]["value"], fp["target_spacing"],
-                          int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seconds = probe_step_seconds(network, int(settings["train.batch_size"]["value"]), int(fp["n_channels"]),
-                                 len(fp["labels"]), device, str(settings["train.precision"]["value"]))
+    settings, fp = training_plan["settings"], training_plan["fingerprint"]
+    seconds = probe_step_seconds(_planned_network(training_plan), int(settings["train.batch_size"]["value"]),
+                                 int(fp["n_channels"]), len(fp["labels"]), default_device(),
+                                 str(settings["train.precision"]["value"]))
     return settle_budget(training_plan, seconds, n_folds)
 
 

@@ -20,12 +20,12 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from msdseg.decathlon import SYNTHETIC_TASK
+from msdseg.decathlon import SYNTHETIC_LABELS, SYNTHETIC_TASK
 from msdseg.download import file_digest
 from msdseg.io import atomic_path
 
 SPACING = (0.8, 0.8, 2.5)
-LABELS = {"0": "background", "1": "liver", "2": "cancer"}
+LABELS = SYNTHETIC_LABELS
 _MTIME = 946684800  # 2000-01-01, fixed so the tar bytes never depend on the clock
 _HU_AIR, _HU_BODY, _HU_BONE, _HU_LIVER, _HU_LESION = -1000.0, 40.0, 450.0, 60.0, 10.0
 _NOISE_HU = 15.0

@@ -111,7 +111,8 @@ def test_lean_aggregator_equals_torchio(mode: str) -> None:
 
 def test_precision_on_cpu() -> None:
     """CPUs run fp32 unless bf16 is asked for and computed natively there (AVX512-BF16/AMX)."""
-    from msdseg.inference import autocast_dtype, cpu_has_native_bf16
+    from msdseg.devices import cpu_has_native_bf16
+    from msdseg.inference import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp16", cpu) is None

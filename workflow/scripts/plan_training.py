@@ -9,8 +9,7 @@ import torch
 
 from msdseg.config import check_labels
 from msdseg.decathlon import label_map
-from msdseg.devices import gpu_slot
-from msdseg.inference import cpu_has_native_bf16
+from msdseg.devices import cpu_has_native_bf16, gpu_slot
 from msdseg.io import write_text
 from msdseg.logs import job_log
 from msdseg.manifest import read_manifest
