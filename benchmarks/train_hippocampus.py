@@ -44,10 +44,20 @@ from msdseg.devices import cpu_has_native_bf16  # noqa: E402
 from msdseg.manifest import build_manifest  # noqa: E402
 from msdseg.metrics import evaluate_subject  # noqa: E402
 from msdseg.plan import make_plan  # noqa: E402
-from msdseg.planner import PLANNED_KEYS, DeviceSpec, Fingerprint, apply_plan, plan_training, torch_probe  # noqa: E402
+from msdseg.planner import (  # noqa: E402
+    PLANNED_KEYS,
+    DeviceSpec,
+    Fingerprint,
+    TrainingPlan,
+    apply_plan,
+    plan_training,
+    settle_budget,
+    torch_probe,
+)
 from msdseg.predict import predict_subject  # noqa: E402
 from msdseg.resample import resample_subject  # noqa: E402
 from msdseg.train import train  # noqa: E402
+from msdseg.train.probe import pipeline_pace  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 
@@ -69,16 +79,23 @@ def prepare(work: Path, config: dict) -> tuple[list[dict], dict, dict[int, str],
     return rows, plan, foreground_labels(plan["labels"]), fingerprint
 
 
-def planned_config(config: dict, chosen: dict, fingerprint: Fingerprint, threads: int, minutes: float) -> dict:
-    """The workflow's plan_training on this machine: the config with every planned key filled."""
+def planned_config(config: dict, chosen: dict, fingerprint: Fingerprint, threads: int, minutes: float,
+                   rows: list[dict], plan: dict) -> dict:
+    """The workflow's plan_training on this machine: the config with every planned key filled, the
+    iterations settled from the pipeline's measured pace on the training ``rows``."""
     user = {key: value for key, value in chosen.items() if key in PLANNED_KEYS}
     native_bf16 = cpu_has_native_bf16()
     precision = user.get("train.precision", "bf16" if native_bf16 else "fp32")
     probe = torch_probe(fingerprint, torch.device("cpu"), precision)
-    training = plan_training(fingerprint, DeviceSpec("cpu", threads=threads), minutes, user, probe=probe,
-                             n_folds=config["manifest"]["n_folds"], cpu_native_bf16=native_bf16)
-    print(training.table(), flush=True)
-    return apply_plan(config, training.as_dict())
+    n_folds = config["manifest"]["n_folds"]
+    planned = plan_training(fingerprint, DeviceSpec("cpu", threads=threads), minutes, user, probe=probe,
+                            n_folds=n_folds, cpu_native_bf16=native_bf16).as_dict()
+    if "train.iterations" not in user:
+        budgeted = {**config, "train": {**config["train"], "max_minutes": minutes}}
+        pace = pipeline_pace(rows, plan, apply_plan(budgeted, planned), threads, "cpu")
+        planned = settle_budget(planned, None, n_folds, pace)
+    print(TrainingPlan.from_dict(planned).table(), flush=True)
+    return apply_plan(config, planned)
 
 
 def queue_rate(rows: list[dict], plan: dict, config: dict, seconds: float) -> float:
@@ -142,16 +159,15 @@ def main() -> None:
         t0 = time.perf_counter()
         rows, plan, labels, fingerprint = prepare(work, config)
         prepare_s = time.perf_counter() - t0
-        if not args.no_plan:
-            # the held-out cases are not the planner's to see: plan on the rest (its fold count as given)
-            config = planned_config(config, chosen, fingerprint, args.threads,
-                                    float(config["train"]["max_minutes"]) / args.models)
         order = list(rows)
         split_seed = config["seed"] if args.split_seed is None else args.split_seed
         random.Random(split_seed).shuffle(order)
         held_out = order[: args.held_out]
         validation = order[args.held_out: args.held_out + args.validation]
         training = order[args.held_out + args.validation:]
+        if not args.no_plan:  # the fingerprint is the whole training set's, as in the workflow; the pace, the split's
+            config = planned_config(config, chosen, fingerprint, args.threads,
+                                    float(config["train"]["max_minutes"]) / args.models, training, plan)
 
         budget = float(config["train"]["max_minutes"])
         model_paths, logs, t0 = [], [], time.perf_counter()

@@ -24,6 +24,7 @@ folds together (fold ``all``); folds in ascending order, then ``all``; classes b
 | class_name | class name from dataset.json |
 | n | number of subjects with a Dice (NaN, i.e. both empty, excluded) |
 | mean, std, median, min, max | of those Dice values (std: sample standard deviation, ddof=1; NaN when n < 2) |
+| held_out | false when the fold's model trained on the subjects it is scored on (one labelled subject) |
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import pandas as pd
 
 from msdseg.metrics import METRIC_COLUMNS
 
-SUMMARY_COLUMNS = ["fold", "label", "class_name", "n", "mean", "std", "median", "min", "max"]
+SUMMARY_COLUMNS = ["fold", "label", "class_name", "n", "mean", "std", "median", "min", "max", "held_out"]
 
 _METRIC_DTYPES = {
     "subject": "string",
@@ -80,12 +81,15 @@ def _describe(values: pd.Series) -> dict[str, float | int]:
     }
 
 
-def dice_summary(metrics_by_fold: Mapping[int, pd.DataFrame]) -> pd.DataFrame:
+def dice_summary(metrics_by_fold: Mapping[int, pd.DataFrame],
+                 held_out: Mapping[int, bool] | None = None) -> pd.DataFrame:
     """Dice statistics per fold and class, and over all folds (fold ``"all"``).
 
     The fold column holds strings (``"0"``, ``"1"``, ..., ``"all"``) so the table has one type
-    per column and reads back the same from CSV.
+    per column and reads back the same from CSV. ``held_out`` (default: every fold) says which
+    folds were scored on subjects their model never saw; ``all`` is held out only if each is.
     """
+    held_out = {int(fold): bool((held_out or {}).get(int(fold), True)) for fold in metrics_by_fold}
     frames = []
     for fold in sorted(metrics_by_fold, key=int):
         frame = metrics_by_fold[fold][["label", "class_name", "dice"]].copy()
@@ -106,6 +110,9 @@ def dice_summary(metrics_by_fold: Mapping[int, pd.DataFrame]) -> pd.DataFrame:
         scope = everything if fold == "all" else everything[everything["fold"] == fold]
         for label, class_name in classes:
             values = scope.loc[scope["label"] == label, "dice"]
-            rows.append({"fold": fold, "label": int(label), "class_name": str(class_name), **_describe(values)})
+            kept_apart = all(held_out.values()) if fold == "all" else held_out[int(fold)]
+            rows.append({"fold": fold, "label": int(label), "class_name": str(class_name), **_describe(values),
+                         "held_out": kept_apart})
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    return summary.astype({"fold": "string", "label": "int64", "class_name": "string", "n": "int64"})
+    return summary.astype({"fold": "string", "label": "int64", "class_name": "string", "n": "int64",
+                           "held_out": "bool"})

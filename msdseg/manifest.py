@@ -14,6 +14,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ import SimpleITK as sitk
 
 from msdseg import io
 from msdseg.decathlon import DatasetInfo, SubjectFiles, label_map
-from msdseg.errors import DatasetError, SubjectError
+from msdseg.errors import ConfigError, DatasetError, SubjectError
+from msdseg.logs import say
 
 ON_INVALID = ("error", "skip")
 
@@ -68,7 +70,8 @@ def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, 
     """Fold per subject: sorted ids, a seeded permutation, then round-robin.
 
     Sorting first makes the result independent of the order dataset.json lists subjects in;
-    round-robin makes fold sizes differ by at most one.
+    round-robin makes fold sizes differ by at most one. Fewer subjects than folds make one fold
+    per subject (leave-one-out): a small task of the user's own still runs with the defaults.
     """
     ids = sorted(str(s) for s in subjects)
     if len(set(ids)) != len(ids):
@@ -76,13 +79,38 @@ def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, 
         raise ValueError(f"subject ids must be unique, got duplicates {duplicates}")
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
-    if len(ids) < n_folds:
-        raise DatasetError(
-            f"only {len(ids)} training subject(s) for {n_folds} folds, so some folds would have no "
-            f"validation subject; lower manifest.n_folds to at most {max(len(ids), 2)} or add subjects."
-        )
+    n_folds = min(n_folds, len(ids))
     order = np.random.default_rng(seed).permutation(len(ids))
     return {ids[int(index)]: position % n_folds for position, index in enumerate(order)}
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """Who trains and who validates in one fold; ``held_out`` is False when they are the same subjects."""
+
+    training: list[str]
+    validation: list[str]
+    held_out: bool
+
+
+def split_fold(folds: Mapping[str, int], fold: int) -> FoldSplit:
+    """The training and validation subjects of ``fold`` (``folds``: subject -> fold, -1 for test subjects).
+
+    A task with a single labelled subject has one fold, and that subject is both: the model is
+    trained and scored on it, and every report marks the Dice as not held out.
+    """
+    labelled = {subject: int(f) for subject, f in folds.items() if int(f) >= 0}
+    validation = sorted(s for s, f in labelled.items() if f == int(fold))
+    if not validation:
+        existing = sorted(set(labelled.values()))
+        raise ConfigError(
+            f"config key 'train.folds': fold {fold} has no subjects; manifest.csv puts its {len(labelled)} "
+            f"labelled subject(s) in folds {existing}. Train only those folds, or add labelled subjects."
+        )
+    training = sorted(s for s, f in labelled.items() if f != int(fold))
+    if not training:
+        return FoldSplit(validation, validation, held_out=False)
+    return FoldSplit(training, validation, held_out=True)
 
 
 # --------------------------------------------------------------------------- one subject
@@ -411,6 +439,11 @@ def build_manifest(
             f"({len(excluded)} excluded, see excluded.csv); a model needs labelled subjects."
         )
     folds = assign_folds(training, n_folds, seed)
+    if len(training) < n_folds:
+        say(f"only {len(training)} labelled subject(s) for manifest.n_folds={n_folds}: "
+            + ("one fold per subject (leave-one-out)." if len(training) > 1 else
+               "one fold that trains and validates on that subject, so its Dice is not held out."),
+            name="msdseg.manifest")
     for row in rows:
         if row["role"] == "train":
             row["fold"] = folds[row["subject"]]

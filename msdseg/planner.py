@@ -25,7 +25,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,9 @@ USABLE_SHARE = 0.9  # of the budget: start-up, queue filling and checkpoints tak
 # it waiting for data)
 PIPELINE_OVERHEAD = {"cpu": 1.4, "cuda": 1.1}
 VALIDATIONS = 5  # validations (learning-curve points) a budget should allow
+# a short budget buys fewer steps, not smaller patches below this context: half the median image per
+# axis, at most 48 voxels (Task04 in 3 CPU minutes: a 12x16x14 patch with 1500 steps scored 0.45/0.62)
+CONTEXT_SHARE, CONTEXT_CAP = 0.5, 48
 MAX_CPU_BATCH = {3: 4, 2: 32}  # volumes per step on a CPU; 2D steps take a batch of slices
 
 
@@ -74,6 +77,7 @@ class Fingerprint:
     labels: dict[int, str]
     n_training: int
     median_voxels: float = 0.0  # per image on the target grid (0: the median shape's product)
+    absent_labels: tuple[int, ...] = ()  # foreground classes no training subject has a voxel of
 
     @property
     def dataset_voxels(self) -> float:
@@ -88,9 +92,12 @@ class Fingerprint:
         target = plan.get("target_spacing")
         target_spacing = np.median(spacings, axis=0) if target is None else np.array(target, dtype=np.float64)
         resampled = shapes * spacings / target_spacing
+        labels = label_map(plan["labels"])
+        absent = tuple(k for k in foreground_labels(labels)
+                       if f"voxels_{k}" in training and not (training[f"voxels_{k}"] > 0).any())
         return cls(tuple(float(v) for v in np.median(resampled, axis=0)),  # type: ignore[arg-type]
                    tuple(float(v) for v in target_spacing), int(plan.get("n_channels", 1)),  # type: ignore[arg-type]
-                   label_map(plan["labels"]), len(training), float(np.median(np.prod(resampled, axis=1))))
+                   labels, len(training), float(np.median(np.prod(resampled, axis=1))), absent)
 
 
 def published_fingerprint(info: TaskInfo) -> Fingerprint:
@@ -268,6 +275,15 @@ class TrainingPlan:
                 "seconds_per_step": self.seconds_per_step, "fingerprint": self.fingerprint,
                 "settings": {k: s.as_dict() for k, s in self.settings.items()}}
 
+    @classmethod
+    def from_dict(cls, training_plan: Mapping[str, Any]) -> TrainingPlan:
+        """Back from training_plan.json (what the table and the CSV show)."""
+        return cls(settings={k: Setting(**s) for k, s in training_plan["settings"].items()},
+                   device=DeviceSpec(**training_plan.get("device", {"type": "cpu"})),
+                   budget_minutes=float(training_plan.get("budget_minutes", 0.0)),
+                   seconds_per_step=training_plan.get("seconds_per_step"),
+                   fingerprint=dict(training_plan.get("fingerprint", {})))
+
     def csv(self) -> str:
         """key,value,source,reason rows (the HTML report's table)."""
         buffer = io.StringIO()
@@ -313,10 +329,14 @@ def plan_training(fingerprint: Fingerprint, device: DeviceSpec, budget_minutes: 
 
 
 def _plan_sampling(plan: TrainingPlan, fingerprint: Fingerprint, user: Mapping[str, Any]) -> None:
-    foreground = list(foreground_labels(fingerprint.labels))
-    probabilities = {0: round(2 / 3, 4), **{k: round(1 / 3 / max(len(foreground), 1), 4) for k in foreground}}
-    plan.put("train.label_probabilities", probabilities,
-             "a third of the patches centred on foreground, spread over its classes (nnU-Net's oversampling)", user)
+    present = [k for k in foreground_labels(fingerprint.labels) if k not in fingerprint.absent_labels]
+    probabilities = {0: round(2 / 3, 4), **{k: round(1 / 3 / max(len(present), 1), 4) for k in present},
+                     **dict.fromkeys(fingerprint.absent_labels, 0.0)}
+    absent = f"; none for {list(fingerprint.absent_labels)}, absent from every training label" \
+        if fingerprint.absent_labels else ""
+    plan.put("train.label_probabilities", dict(sorted(probabilities.items())),
+             "a third of the patches centred on foreground, spread over its classes (nnU-Net's oversampling)"
+             + absent, user)
     plan.put("train.class_weights", None, "no class weights: the Dice term balances classes (nnU-Net)", user)
 
 
@@ -389,6 +409,8 @@ def _fit_budget(networks: Sequence[Network], fingerprint: Fingerprint, plan: Tra
     """
     budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
     overhead = PIPELINE_OVERHEAD.get(plan.device.type, 1.2)
+    floor = context_floor(fingerprint, dims)
+    networks = [n for n in networks if all(p >= f for p, f in zip(n.patch, floor))] or list(networks[:1])
     fixed, per_flop = _calibrate(probe, fingerprint, dims)
     probes, last = 0, None
     for network in networks:
@@ -403,8 +425,21 @@ def _fit_budget(networks: Sequence[Network], fingerprint: Fingerprint, plan: Tra
             break
     assert last is not None
     network, batch, measured = last
-    return network, batch, measured, (f"largest patch/width with >= {TARGET_ITERATIONS} steps in the budget "
+    if budget_s / (measured * overhead) >= TARGET_ITERATIONS:
+        return network, batch, measured, (f"largest patch/width with >= {TARGET_ITERATIONS} steps in the budget "
+                                          f"(measured {measured:.3f} s/step)")
+    return network, batch, measured, (f"the smallest patch with the context a segmentation needs (>= "
+                                      f"{[round(f) for f in floor]}: half the median image, <= {CONTEXT_CAP}); "
+                                      f"the budget buys fewer than {TARGET_ITERATIONS} steps of it "
                                       f"(measured {measured:.3f} s/step)")
+
+
+def context_floor(fingerprint: Fingerprint, dims: int) -> tuple[float, float, float]:
+    """The least patch per axis a budget may shrink to (2D: one slice deep)."""
+    floor = [min(CONTEXT_SHARE * size, CONTEXT_CAP) for size in fingerprint.median_shape]
+    if dims == 2:
+        floor[2] = 1.0
+    return floor[0], floor[1], floor[2]
 
 
 def _calibrate(probe: StepProbe, fingerprint: Fingerprint, dims: int) -> tuple[float, float]:
@@ -434,8 +469,11 @@ def case_validation_seconds(fingerprint: Fingerprint, network: Network, batch: i
 
 
 def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network, batch: int,
-                 step_s: float | None, n_folds: int, user: Mapping[str, Any]) -> None:
-    """Iterations and cadence from the measured step time and the budget (recorded, never re-read from the clock)."""
+                 step_s: float | None, n_folds: int, user: Mapping[str, Any], pace: Any = None) -> None:
+    """Iterations and cadence from the measured step time and the budget (recorded, never re-read from the clock).
+
+    ``pace`` (:class:`msdseg.train.probe.Pace`): the whole pipeline measured; without it the step
+    probe is scaled by the data queue's usual share (PIPELINE_OVERHEAD)."""
     if step_s is None:
         plan.put("train.iterations", None, "settled by the train job's probe on its device", user)
         plan.put("train.validate_every", None, "a fifth of the iterations", user)
@@ -443,7 +481,12 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
         return
     budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
     per_case = case_validation_seconds(fingerprint, network, batch, step_s)
-    step_s = step_s * PIPELINE_OVERHEAD.get(plan.device.type, 1.2)  # a training step beside its data queue
+    if pace is None:
+        step_s = step_s * PIPELINE_OVERHEAD.get(plan.device.type, 1.2)  # a training step beside its data queue
+        measured = "probe, with the data queue's usual share"
+    else:
+        step_s, budget_s = pace.step_s, budget_s - pace.startup_s
+        measured = f"{pace.steps} steps with the patch queue measured; {pace.startup_s:.0f} s to start"
     if per_case > 0.5 * budget_s:
         raise PlanError(f"train.max_minutes {plan.budget_minutes} is too short: validating one case "
                         f"(~{per_case:.0f} s at {step_s:.2f} s/step) would take over half of it; raise "
@@ -458,9 +501,8 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
     validations = max(1, min(VALIDATIONS, int(0.3 * budget_s / max(one_validation, 1e-9))))
     iterations = max(1, int((budget_s - validations * one_validation) / step_s))
     iterations = int(plan.put("train.iterations", iterations,
-                              f"{plan.budget_minutes} min x {USABLE_SHARE:.0%} at {step_s:.3f} s/step (probe, "
-                              "with the data queue's share), less "
-                              f"{validations} validation(s) of ~{one_validation:.0f} s", user))
+                              f"{plan.budget_minutes} min x {USABLE_SHARE:.0%} at {step_s:.3f} s/step ({measured}), "
+                              f"less {validations} validation(s) of ~{one_validation:.0f} s", user))
     plan.put("train.validate_every", max(1, math.ceil(iterations / validations)),
              f"{validations} learning-curve point(s) within the budget", user)
     plan.put("train.checkpoint_every", max(1, math.ceil(iterations / 20)),
@@ -545,8 +587,10 @@ def _planned_network(training_plan: Mapping[str, Any]) -> Network:
                        int(settings["model.spatial_dims"]["value"]), int(settings["model.base_channels"]["value"]))
 
 
-def settle_budget(training_plan: Mapping[str, Any], probe_seconds: float, n_folds: int) -> dict[str, Any]:
-    """Fill a plan's deferred iteration count and cadence from a step time measured by the train job."""
+def settle_budget(training_plan: Mapping[str, Any], probe_seconds: float | None, n_folds: int,
+                  pace: Any = None) -> dict[str, Any]:
+    """Fill (or refill) a plan's iteration count and cadence from a measured step (``None``: the plan's
+    own probe) and, where measured, the whole pipeline's ``pace``."""
     settings = training_plan["settings"]
     fp = training_plan["fingerprint"]
     fingerprint = Fingerprint(tuple(fp["median_shape"]), tuple(fp["target_spacing"]), int(fp["n_channels"]),
@@ -554,22 +598,26 @@ def settle_budget(training_plan: Mapping[str, Any], probe_seconds: float, n_fold
     plan = TrainingPlan(budget_minutes=float(training_plan["budget_minutes"]),
                         device=DeviceSpec(**training_plan["device"]))
     user = {k: s["value"] for k, s in settings.items() if s["source"] == "user"}
+    seconds = training_plan["seconds_per_step"] if probe_seconds is None else probe_seconds
     _plan_budget(plan, fingerprint, _planned_network(training_plan), int(settings["train.batch_size"]["value"]),
-                 probe_seconds, n_folds, user)
+                 seconds, n_folds, user, pace)
     settled = {k: s.as_dict() for k, s in plan.settings.items()}
-    return {**training_plan, "seconds_per_step": probe_seconds, "settings": {**settings, **settled}}
+    paced = {} if pace is None else {"pipeline_seconds_per_step": pace.step_s, "startup_seconds": pace.startup_s}
+    return {**training_plan, "seconds_per_step": seconds, **paced, "settings": {**settings, **settled}}
 
 
-def settle_here(training_plan: Mapping[str, Any], n_folds: int) -> dict[str, Any]:
-    """The train job's half of a plan made for another machine: probe the chosen network here, fill the budget."""
+def settle_here(training_plan: Mapping[str, Any], n_folds: int, pace: Callable[[dict[str, Any]], Any] | None = None
+                ) -> dict[str, Any]:
+    """The train job's half of a plan made for another machine: probe the chosen network here, fill the
+    budget; ``pace(plan)``, when given, then measures the whole pipeline under that plan."""
     settings, fp = training_plan["settings"], training_plan["fingerprint"]
     seconds = probe_step_seconds(_planned_network(training_plan), int(settings["train.batch_size"]["value"]),
                                  int(fp["n_channels"]), len(fp["labels"]), default_device(),
                                  str(settings["train.precision"]["value"]))
-    return settle_budget(training_plan, seconds, n_folds)
+    settled = settle_budget(training_plan, seconds, n_folds)
+    return settled if pace is None else settle_budget(settled, None, n_folds, pace(settled))
 
 
 def plan_table(training_plan: Mapping[str, Any]) -> str:
     """training_plan.json as the fixed-width table the logs show."""
-    plan = TrainingPlan(settings={k: Setting(**s) for k, s in training_plan["settings"].items()})
-    return plan.table()
+    return TrainingPlan.from_dict(training_plan).table()

@@ -69,6 +69,13 @@ def test_dice_summary_hand_computed(metrics_by_fold):
         np.testing.assert_allclose(got, (mean, std, median, low, high), rtol=1e-7, equal_nan=True)
 
 
+def test_dice_summary_marks_folds_scored_on_their_own_training_subjects(metrics_by_fold):
+    summary = dice_summary(metrics_by_fold, held_out={0: False, 1: True})
+    held_out = dict(zip(summary["fold"], summary["held_out"]))
+    assert held_out == {"0": False, "1": True, "all": False}
+    assert dice_summary(metrics_by_fold)["held_out"].all()
+
+
 def test_dice_summary_all_nan_class():
     frame = fold_metrics([_row("a", 1, NAN, NAN), _row("a", 2, 0.5)])
     summary = dice_summary({0: frame})

@@ -14,13 +14,14 @@ import pytest
 import SimpleITK as sitk
 
 from msdseg.decathlon import DatasetInfo, read_dataset_json
-from msdseg.errors import DatasetError, SubjectError
+from msdseg.errors import ConfigError, SubjectError
 from msdseg.manifest import (
     EXCLUDED_COLUMNS,
     assign_folds,
     build_manifest,
     manifest_columns,
     read_manifest,
+    split_fold,
     write_excluded,
     write_manifest,
 )
@@ -51,10 +52,22 @@ def test_assign_folds_is_deterministic_balanced_and_order_independent() -> None:
     assert folds == assign_folds(list(reversed(ids)), n_folds=5, seed=3)
     assert sorted(np.bincount(list(folds.values()))) == [4, 4, 5, 5, 5]
     assert folds != assign_folds(ids, n_folds=5, seed=4)
-    with pytest.raises(DatasetError, match="manifest.n_folds"):
-        assign_folds(ids[:3], n_folds=5, seed=0)
     with pytest.raises(ValueError, match="unique"):
         assign_folds(["a", "a", "b"], n_folds=2, seed=0)
+
+
+def test_fewer_subjects_than_folds_leave_one_out_and_a_single_subject_is_not_held_out() -> None:
+    three = assign_folds(["a", "b", "c"], n_folds=5, seed=0)
+    assert sorted(three.values()) == [0, 1, 2]
+    split = split_fold({**three, "test_1": -1}, three["b"])
+    assert split.validation == ["b"] and split.training == ["a", "c"] and split.held_out
+    with pytest.raises(ConfigError, match=r"fold 3 has no subjects.*folds \[0, 1, 2\]"):
+        split_fold(three, 3)
+
+    one = assign_folds(["only"], n_folds=5, seed=0)
+    assert one == {"only": 0}
+    alone = split_fold({**one, "test_1": -1}, 0)
+    assert alone.training == alone.validation == ["only"] and not alone.held_out
 
 
 # --------------------------------------------------------------------------- real hippocampus

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ from msdseg.config import ConfigError, layered_config
 from msdseg.decathlon import NNUNET_PLANS, TASKS
 from msdseg.model import load_model
 from msdseg.planner import (
+    TARGET_ITERATIONS,
     DeviceSpec,
     Network,
     PlanError,
     apply_plan,
+    context_floor,
     network_for,
     plan_training,
     published_fingerprint,
@@ -26,6 +29,7 @@ from msdseg.planner import (
 )
 from msdseg.train import loop as train_loop
 from msdseg.train import train
+from msdseg.train.probe import Pace, pipeline_pace
 
 GPU_24GB = DeviceSpec("cuda", threads=8, memory_gb=24.0, name="24 GB")
 
@@ -70,6 +74,23 @@ def test_cpu_budget_sets_iterations_and_cadence_from_the_probe() -> None:
     assert iterations >= 1000
     assert 1 <= iterations / cpu.value("train.validate_every") <= 5.01
     assert cpu.settings["train.iterations"].source == "planned" and "s/step" in cpu.settings["train.iterations"].reason
+
+
+def test_a_short_budget_buys_fewer_steps_not_patches_without_context() -> None:
+    fingerprint = published_fingerprint(TASKS["Task04_Hippocampus"])
+    short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 3, {}, probe=flop_probe(0.5))
+    patch = short.value("train.patch_size")
+    assert all(p >= f for p, f in zip(patch, context_floor(fingerprint, 3))), patch
+    assert short.value("train.iterations") < TARGET_ITERATIONS
+    assert "context" in short.settings["train.patch_size"].reason
+    roomy = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
+    assert roomy.value("train.iterations") >= TARGET_ITERATIONS
+
+
+def test_classes_absent_from_every_label_get_no_patches() -> None:
+    liver = dataclasses.replace(published_fingerprint(TASKS["Task03_Liver"]), absent_labels=(2,))
+    probabilities = plan_training(liver, GPU_24GB, 60, {}).value("train.label_probabilities")
+    assert probabilities[2] == 0.0 and probabilities[1] == pytest.approx(1 / 3, abs=1e-3)
 
 
 def test_user_keys_win_and_are_marked() -> None:
@@ -173,3 +194,21 @@ def test_budget_that_runs_out_stops_cleanly_and_says_so(synthetic_dir: Path, tmp
     train(rows[:3], rows[3:], plan(), config, tmp_path, fold=0)
     _, meta = load_model(tmp_path / "model.pt")
     assert meta["budget_exhausted"] and 0 < meta["iterations"] < 500
+
+
+def test_the_budget_follows_the_measured_pipeline_not_the_bare_step(synthetic_dir: Path) -> None:
+    """A step probed on random tensors misses the queue's loading; the pipeline's pace settles the iterations."""
+    rows = training_rows(synthetic_dir)
+    config = _synthetic_config(12, 6, 1.0)
+    pace = pipeline_pace(rows[:3], plan(), config, threads=1)
+    assert pace.step_s > 0 and pace.steps >= 3 and pace.startup_s >= 0
+
+    fingerprint = published_fingerprint(TASKS["Task04_Hippocampus"])
+    bare = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe()).as_dict()
+    slower = Pace(step_s=3 * bare["seconds_per_step"], startup_s=20.0, steps=8)
+    settled = settle_budget(bare, None, n_folds=5, pace=slower)
+    iterations = settled["settings"]["train.iterations"]["value"]
+    assert iterations < bare["settings"]["train.iterations"]["value"] / 2
+    assert iterations * slower.step_s + slower.startup_s <= 15 * 60 * 0.9
+    assert "patch queue measured" in settled["settings"]["train.iterations"]["reason"]
+    assert settled["pipeline_seconds_per_step"] == slower.step_s

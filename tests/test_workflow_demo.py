@@ -71,6 +71,12 @@ def test_inference_setting_reruns_inference_and_evaluation_not_training(demo_run
     assert not {"train", "resample_training", "plan", "manifest", "download"} & set(jobs)
 
 
+def test_more_folds_or_threads_retrain_no_fold(demo_run):
+    changed = {**QUICK, "train": {**QUICK["train"], "folds": [0, 1], "threads": 1}}
+    jobs = planned_jobs(snakemake(demo_run, "-n", config=changed))
+    assert not {"train", "plan_training", "infer_fold"} & set(jobs), jobs
+
+
 def test_preprocessing_setting_reruns_resampling_and_everything_after(demo_run):
     changed = {**QUICK, "preprocess": {"spacing": [2.0, 2.0, 2.5]}}
     jobs = planned_jobs(snakemake(demo_run, "-n", config=changed))

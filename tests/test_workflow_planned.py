@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -18,11 +20,13 @@ from workflow_runner import output_of, snakemake
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path: Path, task: Path, minutes: float = 0.4) -> tuple[dict, dict, pd.DataFrame]:
-    config = {"task": task.name, "source": {"folder": str(task)}, "train": {"max_minutes": minutes}}
+def _run(tmp_path: Path, task: Path, minutes: float = 0.4, source: dict | None = None
+         ) -> tuple[dict, dict, pd.DataFrame]:
+    name = task.name.removesuffix(".tar")
+    config = {"task": name, "source": source or {"folder": str(task)}, "train": {"max_minutes": minutes}}
     run = snakemake(tmp_path / "run", config=config)
     assert run.returncode == 0, output_of(run)[-4000:]
-    results = tmp_path / "run" / "results" / task.name
+    results = tmp_path / "run" / "results" / name
     plan = json.loads((results / "plan.json").read_text())
     training = json.loads((results / "training_plan.json").read_text())
     for key, setting in training["settings"].items():
@@ -63,3 +67,23 @@ def test_four_channel_zero_background_task(tmp_path: Path) -> None:
     assert plan["n_channels"] == 4 and plan["normalization"] == "zscore_nonzero"
     assert set(training["settings"]["train.label_probabilities"]["value"]) == {"0", "1", "2", "3"}
     assert "all" in set(summary["fold"].astype(str))
+
+
+def test_real_ct_with_a_single_labelled_case(tmp_path: Path, shared_data: Path) -> None:
+    """Task90: one real 3 mm CT slab with a liver mask (no cancer voxels) and a larger unlabelled CT.
+
+    One labelled subject cannot be cross-validated: one fold trains and is scored on it, and the
+    summary says the Dice is not held out. The test CT comes back in its own geometry.
+    """
+    archive = shared_data / "Task90_LiverCT.tar"
+    plan, training, summary = _run(tmp_path, archive, minutes=0.5, source={"archive": str(archive)})
+    settings = training["settings"]
+    assert plan["normalization"] == "ct" and plan["target_spacing"] == [3.0, 3.0, 3.0]
+    assert settings["train.label_probabilities"]["value"]["2"] == 0.0  # no cancer voxel to centre a patch on
+    assert all(p >= f for p, f in zip(settings["train.patch_size"]["value"], [48, 48, 15]))
+    assert not summary["held_out"].any() and set(summary["fold"].astype(str)) == {"0", "all"}
+    results = tmp_path / "run" / "results" / "Task90_LiverCT"
+    test_image = nib.load(results / "raw" / "imagesTs" / "liverct_002.nii.gz")
+    prediction = nib.load(results / "predictions" / "test" / "liverct_002.nii.gz")
+    assert prediction.shape == test_image.shape
+    assert np.allclose(prediction.affine, test_image.affine, atol=1e-4)

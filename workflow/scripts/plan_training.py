@@ -8,13 +8,22 @@ import logging
 import torch
 
 from msdseg.config import check_labels
-from msdseg.decathlon import label_map
+from msdseg.decathlon import label_map, subject_id
 from msdseg.devices import cpu_has_native_bf16, gpu_slot
 from msdseg.io import write_text
 from msdseg.logs import job_log
 from msdseg.manifest import read_manifest
 from msdseg.plan import read_plan
-from msdseg.planner import Fingerprint, detect_device, plan_training, torch_probe
+from msdseg.planner import (
+    Fingerprint,
+    TrainingPlan,
+    apply_plan,
+    detect_device,
+    plan_training,
+    settle_budget,
+    torch_probe,
+)
+from msdseg.train.probe import pipeline_pace
 
 # the probe runs on the GPU the train job will use: take a slot first (before CUDA starts)
 with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
@@ -34,6 +43,16 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
         probe = torch_probe(fingerprint, torch.device(device.type), precision)
     training = plan_training(fingerprint, device, snakemake.params.budget_minutes, user, probe=probe,
                              n_folds=snakemake.params.n_folds, cpu_native_bf16=native_bf16)
-    logging.getLogger("msdseg.plan").info("training plan for %s:\n%s", device.describe(), training.table())
-    write_text(json.dumps(training.as_dict(), indent=2, sort_keys=True) + "\n", snakemake.output.plan)
-    write_text(training.csv(), snakemake.output.table)
+    planned = training.as_dict()
+    if here and "train.iterations" not in user:  # the step misses the data: settle from the pipeline's pace
+        config = apply_plan({"seed": snakemake.params.seed, "model": snakemake.params.model,
+                             "train": {**snakemake.params.train, "max_minutes": snakemake.params.budget_minutes}},
+                            planned)
+        rows = [{"subject": subject_id(image), "image": image, "label": label}
+                for image, label in zip(snakemake.input.images, snakemake.input.labels)]
+        pace = pipeline_pace(rows, plan, config, snakemake.threads, device.type)
+        planned = settle_budget(planned, None, snakemake.params.n_folds, pace)
+    settled = TrainingPlan.from_dict(planned)
+    logging.getLogger("msdseg.plan").info("training plan for %s:\n%s", device.describe(), settled.table())
+    write_text(json.dumps(planned, indent=2, sort_keys=True) + "\n", snakemake.output.plan)
+    write_text(settled.csv(), snakemake.output.table)

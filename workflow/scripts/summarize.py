@@ -9,18 +9,19 @@ import pandas as pd
 from msdseg.evaluate import dice_summary, read_metrics
 from msdseg.io import write_csv, write_text
 from msdseg.logs import job_log
-from msdseg.manifest import read_manifest
+from msdseg.manifest import read_manifest, split_fold
 from msdseg.plots import overlay_cases, plot_dice_boxplot, plot_overlays
 from msdseg.provenance import provenance
 
 with job_log(snakemake.log[0]):
     by_fold = {int(fold): read_metrics(path) for fold, path in zip(snakemake.params.folds, snakemake.input.metrics)}
-    write_csv(dice_summary(by_fold), snakemake.output.summary)
+    manifest = read_manifest(snakemake.input.manifest).set_index("subject")
+    fold_of = manifest["fold"].to_dict()
+    held_out = {fold: split_fold(fold_of, fold).held_out for fold in by_fold}
+    write_csv(dice_summary(by_fold, held_out), snakemake.output.summary)
     metrics = pd.concat([table.assign(fold=fold) for fold, table in by_fold.items()], ignore_index=True)
     plot_dice_boxplot(metrics, snakemake.output.boxplot)
 
-    manifest = read_manifest(snakemake.input.manifest).set_index("subject")
-    fold_of = manifest["fold"].to_dict()
     subjects = sorted(set(metrics["subject"]))
     cases = overlay_cases(
         metrics,

@@ -9,34 +9,39 @@ from pathlib import Path
 from msdseg.decathlon import subject_id
 from msdseg.devices import gpu_slot
 from msdseg.logs import job_log
-from msdseg.manifest import read_manifest
+from msdseg.manifest import read_manifest, split_fold
 from msdseg.plan import read_plan
 from msdseg.planner import apply_plan, plan_table, settle_here
 from msdseg.plots import plot_learning_curve
 from msdseg.train import train
+from msdseg.train.probe import pipeline_pace
 
 # the job's own GPUs (train.devices of them) before anything initialises CUDA
 with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.train["devices"])):
     fold = int(snakemake.wildcards.fold)
-    folds = read_manifest(snakemake.input.manifest).set_index("subject")["fold"]
+    split = split_fold(read_manifest(snakemake.input.manifest).set_index("subject")["fold"].to_dict(), fold)
     subjects = [
         {"subject": subject_id(image), "image": image, "label": label}
         for image, label in zip(snakemake.input.images, snakemake.input.labels)
     ]
+    if not split.held_out:
+        logging.getLogger("msdseg.train").warning(
+            "fold %d: the task has one labelled subject, so it trains and validates on %s; "
+            "its Dice is not held out (dice_summary.csv: held_out false).", fold, split.validation[0])
     training_plan = json.loads(Path(snakemake.input.training_plan).read_text())
-    if training_plan["settings"]["train.iterations"]["value"] is None:  # planned on another machine
-        training_plan = settle_here(training_plan, snakemake.params.n_folds)
-    logging.getLogger("msdseg.plan").info("training plan:\n%s", plan_table(training_plan))
+    plan = read_plan(snakemake.input.plan)
     # only the sections the rule declares (a change elsewhere never reaches training), with the plan's values
-    config = apply_plan(
-        {"seed": snakemake.params.seed, "model": snakemake.params.model, "train": snakemake.params.train},
-        training_plan,
-    )
+    declared = {"seed": snakemake.params.seed, "model": snakemake.params.model, "train": snakemake.params.train}
+    training_rows = [s for s in subjects if s["subject"] in split.training]
+    if training_plan["settings"]["train.iterations"]["value"] is None:  # planned on another machine
+        training_plan = settle_here(training_plan, snakemake.params.n_folds, lambda settled: pipeline_pace(
+            training_rows, plan, apply_plan(declared, settled), snakemake.threads))
+    logging.getLogger("msdseg.plan").info("training plan:\n%s", plan_table(training_plan))
     model_path = train(
-        [s for s in subjects if folds[s["subject"]] != fold],
-        [s for s in subjects if folds[s["subject"]] == fold],
-        read_plan(snakemake.input.plan),
-        config,
+        training_rows,
+        [s for s in subjects if s["subject"] in split.validation],
+        plan,
+        apply_plan(declared, training_plan),
         out_dir=Path(snakemake.output.model).parent,
         fold=fold,
         threads=snakemake.threads,
