@@ -1,8 +1,9 @@
 """Subjects per job: the cohort from manifest.csv, cut into chunks that pay for their start-up.
 
 A workflow job costs a process start and its imports before any work: measured on the 2-core
-CPU machine this was written on, about 0.5 s for a resampling job (Python, Snakemake's script
-preamble, SimpleITK) and 3.5 s for an inference job (torch and torchio alone are 2-3 s), against
+CPU machine this was written on, 0.2-0.5 s for a resampling job (Python, numpy, SimpleITK; it is
+run by a shell command, without the 0.1-0.25 s of Snakemake's ``script:`` preamble) and 3.5 s
+for an inference job (torch and torchio alone are 2-3 s), against
 0.04 s of resampling and 0.15-1.5 s of inference for one hippocampus subject. One subject per
 job therefore spends most of a stage starting processes. A job here processes a *chunk* of
 subjects and loads its model(s) once; outputs stay one file per subject.
@@ -54,8 +55,8 @@ START_UP_SHARE = 0.1
 MIN_WORK_S = 10.0
 """Least estimated work per job with ``auto`` (where start-up alone would allow less)."""
 
-RESAMPLE_STARTUP_S = 0.5
-"""Start-up of a resampling job: Python, Snakemake's script preamble, numpy, SimpleITK (0.45-0.65 s measured)."""
+RESAMPLE_STARTUP_S = 0.4
+"""Start-up of a resampling job: Python, numpy, SimpleITK, manifest.csv (0.2-0.5 s measured, by load)."""
 RESAMPLE_FIXED_S = 0.01
 """Per subject: opening, reading and writing the compressed NIfTIs (12x12x8 voxels: 0.010 s)."""
 RESAMPLE_S_PER_VOXEL = 1.5e-7
@@ -239,6 +240,19 @@ class Chunks:
 
     def names(self) -> list[str]:
         return [chunk_name(k) for k in range(len(self.members))]
+
+
+def role_chunk(cohort: Cohort, role: str, size: int, chunk: str) -> list[Subject]:
+    """Chunk ``chunk`` of the ``role`` subjects in chunks of ``size``: the members :meth:`Chunks.build` gives it.
+
+    For a job that finds its subjects in manifest.csv itself: its command line then stays short
+    for any chunk size (a shell command is one argument of at most 128 KiB on Linux).
+    """
+    members = split(cohort.role(role), size)
+    index = int(chunk)
+    if not 0 <= index < len(members):
+        raise KeyError(f"no chunk {chunk!r} of the {role} subjects (there are {len(members)})")
+    return members[index]
 
 
 # --------------------------------------------------------------------------- work estimates

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import SimpleITK as sitk
 
-from msdseg.decathlon import subject_id
 from msdseg.errors import SubjectError
 
 # nibabel is imported where it is used: resampling jobs read and write with SimpleITK only, and
@@ -308,6 +307,8 @@ def read_label_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndar
     nibabel, not SimpleITK: the affine compared here is the one every NIfTI reader sees.
     """
     import nibabel as nib
+
+    from msdseg.decathlon import subject_id  # here: a resampling job need not import the task table
 
     try:
         image = nib.load(str(path))

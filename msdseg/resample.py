@@ -14,15 +14,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from msdseg import io
-
-if TYPE_CHECKING:  # for annotations only: resampling does not import pandas
-    pass
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 
@@ -237,3 +234,66 @@ def resample_chunk(
     logger.info(work_line(len(subjects), work))
     return work
 
+
+RESAMPLING_KEYS = ("target_spacing", "inplane_size", "image_interpolation", "clip")
+"""The keys of plan.json that resampling reads."""
+
+
+def read_resampling_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """plan.json for resampling: the keys it reads checked, without :mod:`msdseg.plan`.
+
+    That module imports the config machinery (yaml, the task table): 0.03 s of each resampling
+    job's start-up. A plan of another version lacking other keys fails where those are read.
+    """
+    import json
+
+    from msdseg.errors import DatasetError
+
+    with open(path) as handle:
+        plan = json.load(handle)
+    missing = [key for key in RESAMPLING_KEYS if key not in plan]
+    if missing:
+        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
+    return plan
+
+
+ROLE_FOLDERS = {"train": {"image": "imagesTr", "label": "labelsTr"}, "test": {"image": "imagesTs"}}
+"""The staging subfolders of a chunk of each manifest role (the workflow's resampled/<folder>)."""
+
+
+def resample_role_chunk(
+    manifest: str | os.PathLike[str],
+    role: str,
+    size: int,
+    chunk: str,
+    plan: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    first: str,
+    count: int,
+) -> float:
+    """:func:`resample_chunk` of chunk ``chunk`` of the ``role`` subjects of ``manifest``, ``size`` per chunk.
+
+    The job finds its subjects where the DAG did (:func:`msdseg.chunks.role_chunk`), so its
+    command needs no list of files; ``first`` and ``count`` are what the DAG found, and a
+    different answer (manifest.csv rewritten since) stops the job instead of resampling others.
+    ``plan`` is the path of plan.json (:func:`read_resampling_plan`).
+    """
+    from msdseg.chunks import read_cohort, role_chunk
+    from msdseg.errors import DatasetError
+
+    members = role_chunk(read_cohort(manifest), role, size, chunk)
+    if len(members) != count or members[0].subject != first:
+        raise DatasetError(
+            f"{manifest}: chunk {chunk} of the {role} subjects is {len(members)} subject(s) from "
+            f"{members[0].subject if members else None}, but the workflow planned {count} from {first}; "
+            "manifest.csv changed while the workflow ran: run it again."
+        )
+    labelled = role == "train"
+    return resample_chunk(
+        [s.subject for s in members],
+        [s.image for s in members],
+        out_dir,
+        read_resampling_plan(plan),
+        labels=[s.label for s in members] if labelled else None,
+        folders=ROLE_FOLDERS[role],
+    )

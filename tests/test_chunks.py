@@ -116,6 +116,30 @@ def test_cohort_reads_a_real_manifest_like_read_manifest(tmp_path, synthetic_dir
     assert [list(s.shape) for s in cohort.subjects] == list(table["shape"])
 
 
+def test_a_job_finds_its_chunk_in_the_manifest_as_the_dag_does(tmp_path):
+    path = tmp_path / "manifest.csv"
+    _manifest(path, [(f"t{i}", "train", i % 2) for i in range(5)] + [("x", "test", -1)])
+    cohort = chunks.read_cohort(path)
+    built = chunks.Chunks.build([s.subject for s in cohort.role("train")], 2)
+    for chunk in built.names():
+        assert tuple(s.subject for s in chunks.role_chunk(cohort, "train", 2, chunk)) == built[chunk]
+    with pytest.raises(KeyError, match="no chunk"):
+        chunks.role_chunk(cohort, "train", 2, "0003")
+
+
+def test_a_resampling_job_refuses_a_chunk_the_workflow_did_not_plan(tmp_path):
+    from msdseg.resample import resample_role_chunk
+
+    path = tmp_path / "manifest.csv"
+    _manifest(path, [("a", "train", 0), ("b", "train", 0), ("c", "train", 1)])
+    with pytest.raises(DatasetError, match="manifest.csv changed while the workflow ran"):
+        resample_role_chunk(path, "train", 2, "0000", tmp_path / "plan.json", tmp_path / "out", "b", 2)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "plan.json").write_text(json.dumps({"target_spacing": [1.0, 1.0, 1.0]}))
+    with pytest.raises(DatasetError, match="plan lacks .*inplane_size"):
+        resample_role_chunk(path, "train", 2, "0000", tmp_path / "plan.json", tmp_path / "out", "a", 2)
+
+
 def test_a_table_that_is_not_a_manifest_is_refused(tmp_path):
     path = tmp_path / "manifest.csv"
     path.write_text("subject,role\na,train\n")
@@ -179,9 +203,10 @@ def _imported(code: str) -> set[str]:
 
 
 def test_a_resampling_job_imports_neither_pandas_nor_torch():
-    modules = _imported("import _bootstrap\nfrom msdseg.logs import job_log\nfrom msdseg.plan import read_plan\n"
-                        "from msdseg.resample import resample_chunk")
-    assert not {"pandas", "torch", "torchio", "jsonschema", "nibabel"} & modules
+    modules = _imported("import _bootstrap\nfrom msdseg.logs import job_log\n"
+                        "from msdseg.resample import resample_role_chunk")
+    # nor Snakemake (a shell command, not `script:`), nor the config machinery (yaml) of msdseg.plan
+    assert not {"pandas", "torch", "torchio", "jsonschema", "nibabel", "snakemake", "yaml"} & modules
 
 
 def test_the_dag_side_imports_no_numpy():

@@ -1,8 +1,12 @@
 """Paths, the archive source and input functions shared by every stage."""
 
 import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
 
 from msdseg import chunks
 from msdseg.decathlon import SYNTHETIC_TASK, TASKS
@@ -192,6 +196,27 @@ PLACE = 'place() {{ ln -f "$1" "$2" 2>/dev/null || cp "$1" "$2"; touch "$2"; }};
 # in one round instead of --cores at a time (each round solves the scheduler's ILP again: 2,000
 # placements took 190 s that way, 95 ms each)
 PLACE_RESOURCES = {"mem_mb": 100, "disk_mb": 0, "runtime": 1}
+
+
+# The resampling jobs run their script by a shell command, not `script:` (whose preamble imports
+# Snakemake into each job: see workflow/scripts/resample.py), with the Python `script:` would use:
+# this interpreter, or the `python` of the job's conda environment or container.
+JOB_PYTHON = (
+    "python"
+    if workflow.deployment_settings.deployment_method & {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
+    else sys.executable
+)
+RESAMPLE_SCRIPT = shlex.join([JOB_PYTHON, os.path.join(workflow.basedir, "workflow", "scripts", "resample.py")])
+RESAMPLE_SCRIPT = RESAMPLE_SCRIPT.replace("{", "{{").replace("}", "}}")  # a shell command is a format string
+
+
+def resample_job_args(role, chunk):
+    """Which chunk a resampling job does, as command-line options: it reads its subjects from manifest.csv."""
+    built = resample_chunks(role)[0]
+    members = built[chunk]
+    options = {"--manifest": _MANIFEST[0], "--role": role, "--size": built.size, "--chunk": chunk}
+    options.update({"--first": members[0], "--count": len(members)})
+    return shlex.join(str(part) for pair in options.items() for part in pair)
 
 
 def resample_chunk_folder(role, subject):

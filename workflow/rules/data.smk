@@ -131,10 +131,9 @@ rule resample_training:
         mem_mb=4000,
         runtime=chunk_runtime(lambda wildcards: resample_chunks("train")),
     params:
-        subjects=lambda wildcards: list(resample_chunks("train")[0][wildcards.chunk]),
-        folders={"image": "imagesTr", "label": "labelsTr"},
-    script:
-        "../scripts/resample.py"
+        chunk=lambda wildcards: resample_job_args("train", wildcards.chunk),
+    shell:
+        RESAMPLE_SCRIPT + " {params.chunk} --plan {input.plan:q} --out {output.staged:q} --log {log:q}"
 
 
 rule resample_test:
@@ -154,10 +153,9 @@ rule resample_test:
         mem_mb=4000,
         runtime=chunk_runtime(lambda wildcards: resample_chunks("test")),
     params:
-        subjects=lambda wildcards: list(resample_chunks("test")[0][wildcards.chunk]),
-        folders={"image": "imagesTs"},
-    script:
-        "../scripts/resample.py"
+        chunk=lambda wildcards: resample_job_args("test", wildcards.chunk),
+    shell:
+        RESAMPLE_SCRIPT + " {params.chunk} --plan {input.plan:q} --out {output.staged:q} --log {log:q}"
 
 
 # A placed file is a hard link to the staged one (no copy; a copy across file systems), touched
