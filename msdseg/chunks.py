@@ -1,9 +1,9 @@
 """Subjects per job: the cohort from manifest.csv, cut into chunks that pay for their start-up.
 
 A workflow job costs a process start and its imports before any work: measured on the 2-core
-CPU machine this was written on, 0.2-0.5 s for a resampling job (Python, numpy, SimpleITK; it is
-run by a shell command, without the 0.1-0.25 s of Snakemake's ``script:`` preamble) and 3.5 s
-for an inference job (torch and torchio alone are 2-3 s), against
+CPU machine this was written on, 0.2-0.5 s for a resampling job (Python, numpy, SimpleITK) and
+2-3.5 s for an inference job (torch and torchio alone are 1.4-3 s; both kinds are run by a shell
+command, without the 0.1-0.25 s of Snakemake's ``script:`` preamble), against
 0.04 s of resampling and 0.15-1.5 s of inference for one hippocampus subject. One subject per
 job therefore spends most of a stage starting processes. A job here processes a *chunk* of
 subjects and loads its model(s) once; outputs stay one file per subject.
@@ -242,17 +242,87 @@ class Chunks:
         return [chunk_name(k) for k in range(len(self.members))]
 
 
+def chunk_of(members: Sequence[T], size: int, chunk: str, what: str) -> list[T]:
+    """Chunk ``chunk`` of ``members`` in chunks of ``size``: the members :meth:`Chunks.build` gives it."""
+    parts = split(members, size)
+    index = int(chunk)
+    if not 0 <= index < len(parts):
+        raise KeyError(f"no chunk {chunk!r} of {what} (there are {len(parts)})")
+    return parts[index]
+
+
 def role_chunk(cohort: Cohort, role: str, size: int, chunk: str) -> list[Subject]:
     """Chunk ``chunk`` of the ``role`` subjects in chunks of ``size``: the members :meth:`Chunks.build` gives it.
 
     For a job that finds its subjects in manifest.csv itself: its command line then stays short
     for any chunk size (a shell command is one argument of at most 128 KiB on Linux).
     """
-    members = split(cohort.role(role), size)
-    index = int(chunk)
-    if not 0 <= index < len(members):
-        raise KeyError(f"no chunk {chunk!r} of the {role} subjects (there are {len(members)})")
-    return members[index]
+    return chunk_of(cohort.role(role), size, chunk, f"the {role} subjects")
+
+
+def infer_members(cohort: Cohort, fold: int | None, with_test: bool = False) -> list[Subject]:
+    """The subjects an inference rule predicts, in order, before they are cut into chunks.
+
+    ``fold``: its validation subjects, then the test list where ``with_test`` (the fold's model
+    alone predicts it: one process, one model load for both); None: the test list (infer_test).
+    """
+    if fold is None:
+        return cohort.role("test")
+    validation = cohort.validation(fold)
+    return validation + cohort.role("test") if with_test else validation
+
+
+def infer_chunk(
+    manifest: str | os.PathLike[str],
+    fold: int | None,
+    with_test: bool,
+    size: int,
+    chunk: str,
+    first: str,
+    count: int,
+) -> list[Subject]:
+    """The subjects of an inference job, read from ``manifest`` as the DAG did, checked against its plan.
+
+    ``first`` and ``count`` are what the DAG found: a different answer means manifest.csv was
+    rewritten since, and the job stops instead of predicting subjects its outputs do not promise.
+    """
+    what = "the test subjects" if fold is None else f"fold {fold}'s validation subjects"
+    if fold is not None and with_test:
+        what += " and the test subjects"
+    return planned_chunk(infer_members(read_cohort(manifest), fold, with_test), size, chunk, first, count,
+                         what, manifest)
+
+
+def planned_chunk(
+    members: Sequence[Subject],
+    size: int,
+    chunk: str,
+    first: str,
+    count: int,
+    what: str,
+    manifest: str | os.PathLike[str],
+) -> list[Subject]:
+    """:func:`chunk_of`, or a DatasetError naming the fix where it is not the planned ``count`` from ``first``."""
+    try:
+        found = chunk_of(members, size, chunk, what)
+    except KeyError:
+        found = []
+    if len(found) != count or not found or found[0].subject != first:
+        raise DatasetError(
+            f"{manifest}: chunk {chunk} of {what} is {len(found)} subject(s) from "
+            f"{found[0].subject if found else None}, but the workflow planned {count} from {first}; "
+            "manifest.csv changed while the workflow ran: run it again."
+        )
+    return found
+
+
+RESAMPLED_FOLDERS = {"train": "imagesTr", "test": "imagesTs"}
+"""Where the data stage places a subject's resampled image under results/<task>/resampled, by role."""
+
+
+def resampled_image(root: str | os.PathLike[str], subject: Subject) -> str:
+    """The resampled image of ``subject`` under ``root`` (results/<task>/resampled): the DAG's input, the job's file."""
+    return os.path.join(os.fspath(root), RESAMPLED_FOLDERS[subject.role], f"{subject.subject}.nii.gz")
 
 
 # --------------------------------------------------------------------------- work estimates

@@ -350,3 +350,18 @@ def write_labels(labels: np.ndarray, reference_path: Path, out_path: Path,
             nib.save(image, str(tmp))
     else:
         write_image(image_on_grid(labels, spatial_geometry(reference)), out_path)
+
+
+def read_checked_json(path: str | os.PathLike[str], keys: Sequence[str]) -> dict:
+    """A JSON file a rule wrote (plan.json), checked for the ``keys`` its reader needs: a file from
+    another version fails here, naming the fix, not deep inside a job."""
+    import json
+
+    from msdseg.errors import DatasetError
+
+    with open(path) as handle:
+        content = json.load(handle)
+    missing = [key for key in keys if key not in content]
+    if missing:
+        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
+    return content

@@ -177,11 +177,6 @@ def write_plan(plan: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
 
 def read_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read plan.json, checking it has every key this version writes."""
-    with open(path) as handle:
-        plan = json.load(handle)
-    missing = [key for key in PLAN_KEYS if key not in plan]
-    if missing:
-        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
-    return plan
+    return io.read_checked_json(path, PLAN_KEYS)
 
 

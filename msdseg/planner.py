@@ -205,9 +205,11 @@ def network_for(patch: Sequence[int], spacing: Sequence[float], spatial_dims: in
     return Network(spatial_dims, _divisible(patch, strides), strides, base_channels)
 
 
-def candidate_patches(fingerprint: Fingerprint, spatial_dims: int) -> Iterator[tuple[int, int, int]]:
+def candidate_patches(fingerprint: Fingerprint, spatial_dims: int,
+                      floor: Sequence[float] = (0.0, 0.0, 0.0)) -> Iterator[tuple[int, int, int]]:
     """Patches from the median image down: each step shrinks the axis that is largest relative to the
-    median shape (in mm where it ties), as nnU-Net shrinks its initial patch."""
+    median shape (in mm where it ties), as nnU-Net shrinks its initial patch; an axis at ``floor``
+    stays there while the others shrink."""
     median = [max(int(round(s)), 1) for s in fingerprint.median_shape]
     patch = [float(v) for v in median]
     if spatial_dims == 2:
@@ -219,12 +221,13 @@ def candidate_patches(fingerprint: Fingerprint, spatial_dims: int) -> Iterator[t
         if network.patch not in seen:
             seen.add(network.patch)
             yield network.patch
-        shrinkable = [a for a in axes if patch[a] > 2 * MIN_FEATURE_SIZE]
+        least = [max(2 * MIN_FEATURE_SIZE, floor[a]) for a in range(3)]
+        shrinkable = [a for a in axes if patch[a] > least[a]]
         if not shrinkable:
             return
         ratio = {a: (patch[a] / median[a], patch[a] * fingerprint.target_spacing[a]) for a in shrinkable}
         axis = max(shrinkable, key=lambda a: ratio[a])
-        patch[axis] = max(patch[axis] * 0.85, 2 * MIN_FEATURE_SIZE)
+        patch[axis] = max(patch[axis] * 0.85, least[axis])
 
 
 def memory_gb(network: Network, batch: int) -> float:
@@ -359,7 +362,9 @@ def _plan_network(plan: TrainingPlan, fingerprint: Fingerprint, device: DeviceSp
     """Patch, width, depth and batch: on a GPU by memory, on a CPU the largest that leaves
     TARGET_ITERATIONS in the budget. Returns the network, the batch and its measured step time."""
     fixed_patch = user.get("train.patch_size")
-    patches = [tuple(int(p) for p in fixed_patch)] if fixed_patch else list(candidate_patches(fingerprint, dims))
+    # a CPU budget stops shrinking at the context floor (a GPU's memory never gets near it)
+    floor = context_floor(fingerprint, dims) if device.type == "cpu" and probe is not None else (0.0, 0.0, 0.0)
+    patches = [tuple(int(p) for p in fixed_patch)] if fixed_patch else list(candidate_patches(fingerprint, dims, floor))
     widths = [int(user["model.base_channels"])] if "model.base_channels" in user else (
         [BASE_CHANNELS] if device.type == "cuda" else [BASE_CHANNELS, BASE_CHANNELS // 2])
     networks = [network_for(patch, fingerprint.target_spacing, dims, width) for patch in patches for width in widths]
@@ -409,8 +414,7 @@ def _fit_budget(networks: Sequence[Network], fingerprint: Fingerprint, plan: Tra
     """
     budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
     overhead = PIPELINE_OVERHEAD.get(plan.device.type, 1.2)
-    floor = context_floor(fingerprint, dims)
-    networks = [n for n in networks if all(p >= f for p, f in zip(n.patch, floor))] or list(networks[:1])
+    floor = context_floor(fingerprint, dims)  # where candidate_patches stopped shrinking
     fixed, per_flop = _calibrate(probe, fingerprint, dims)
     probes, last = 0, None
     for network in networks:

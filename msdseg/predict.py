@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +33,9 @@ from msdseg.inference import grid_overlap
 from msdseg.io import channel_count, read_image_header, spatial_geometry, write_labels
 from msdseg.model import load_model
 from msdseg.resample import channels_on_reference
+
+if TYPE_CHECKING:
+    from msdseg.chunks import Subject
 
 logger = logging.getLogger(__name__)
 
@@ -376,6 +379,28 @@ def predict_chunk(
         logger.info("%s: predicted in %.3f s", item.name, seconds)
     logger.info(work_line(len(items), work))
     return work
+
+
+def predict_subjects(
+    subjects: Sequence[Subject],
+    resampled: str | Path,
+    model_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    infer: Mapping[str, Any],
+    device: str | None = None,
+    threads: int = 1,
+) -> float:
+    """:func:`predict_chunk` of manifest subjects (:func:`msdseg.chunks.infer_chunk`) into ``out_dir``.
+
+    Each subject's image as the data stage placed it under ``resampled``
+    (:func:`msdseg.chunks.resampled_image`), its prediction on its original image's grid,
+    written as ``out_dir/<subject>.nii.gz``: the files the workflow's rules name.
+    """
+    from msdseg.chunks import resampled_image
+
+    items = [Item(s.subject, Path(resampled_image(resampled, s)), Path(s.image), Path(out_dir) / f"{s.subject}.nii.gz")
+             for s in subjects]
+    return predict_chunk(model_paths, items, infer, device=device, threads=threads)
 
 
 # --------------------------------------------------------------------------- new images (predict_folder)

@@ -245,16 +245,7 @@ def read_resampling_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
     That module imports the config machinery (yaml, the task table): 0.03 s of each resampling
     job's start-up. A plan of another version lacking other keys fails where those are read.
     """
-    import json
-
-    from msdseg.errors import DatasetError
-
-    with open(path) as handle:
-        plan = json.load(handle)
-    missing = [key for key in RESAMPLING_KEYS if key not in plan]
-    if missing:
-        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
-    return plan
+    return io.read_checked_json(path, RESAMPLING_KEYS)
 
 
 ROLE_FOLDERS = {"train": {"image": "imagesTr", "label": "labelsTr"}, "test": {"image": "imagesTs"}}

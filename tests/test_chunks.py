@@ -140,6 +140,34 @@ def test_a_resampling_job_refuses_a_chunk_the_workflow_did_not_plan(tmp_path):
         resample_role_chunk(path, "train", 2, "0000", tmp_path / "plan.json", tmp_path / "out", "a", 2)
 
 
+def test_an_inference_job_finds_its_chunk_as_the_dag_plans_it(tmp_path):
+    """Fold chunks: its validation subjects, then the test list where the fold alone predicts it."""
+    path = tmp_path / "manifest.csv"
+    _manifest(path, [("a", "train", 0), ("b", "train", 1), ("c", "train", 0), ("x", "test", -1), ("y", "test", -1)])
+    cohort = chunks.read_cohort(path)
+    assert [s.subject for s in chunks.infer_members(cohort, 0)] == ["a", "c"]
+    assert [s.subject for s in chunks.infer_members(cohort, 0, with_test=True)] == ["a", "c", "x", "y"]
+    assert [s.subject for s in chunks.infer_members(cohort, None)] == ["x", "y"]
+    assert [s.subject for s in cohort.validation(0)] == ["a", "c"], "the cohort's own list is left as it was"
+    built = chunks.Chunks.build([s.subject for s in chunks.infer_members(cohort, 0, True)], 3)
+    for chunk in built.names():
+        members = built[chunk]
+        found = chunks.infer_chunk(path, 0, True, 3, chunk, members[0], len(members))
+        assert tuple(s.subject for s in found) == members
+    assert chunks.resampled_image("r", cohort.by_id["x"]) == os.path.join("r", "imagesTs", "x.nii.gz")
+    assert chunks.resampled_image("r", cohort.by_id["a"]) == os.path.join("r", "imagesTr", "a.nii.gz")
+
+
+def test_an_inference_job_refuses_a_chunk_the_workflow_did_not_plan(tmp_path):
+    path = tmp_path / "manifest.csv"
+    _manifest(path, [("a", "train", 0), ("b", "train", 0), ("x", "test", -1)])
+    with pytest.raises(DatasetError, match=r"chunk 0000 of fold 0's validation subjects is 2 subject\(s\) from a, "
+                                           r"but the workflow planned 3 from a; manifest.csv changed .*run it again"):
+        chunks.infer_chunk(path, 0, False, 3, "0000", "a", 3)
+    with pytest.raises(DatasetError, match=r"chunk 0001 of the test subjects is 0 subject\(s\) from None"):
+        chunks.infer_chunk(path, None, False, 1, "0001", "y", 1)
+
+
 def test_a_table_that_is_not_a_manifest_is_refused(tmp_path):
     path = tmp_path / "manifest.csv"
     path.write_text("subject,role\na,train\n")

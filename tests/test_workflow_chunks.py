@@ -160,3 +160,25 @@ def test_predict_folder_names_the_mismatched_image_then_predicts_the_others(chun
     assert "rule train" not in output_of(done) and "resample_training" not in output_of(done)
     again = snakemake(chunked_run, "predict_folder", "-n", config=config)
     assert "Nothing to be done" in output_of(again)
+
+
+def test_an_infer_job_refuses_a_chunk_the_workflow_did_not_plan(chunked_run, tmp_path):
+    """The job reads its subjects from manifest.csv: one other than the DAG planned stops it, naming the fix."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repository = Path(__file__).resolve().parents[1]
+    results = chunked_run / "results" / TASK
+    log = tmp_path / "infer.log"
+    command = [sys.executable, str(repository / "workflow" / "scripts" / "infer.py"),
+               "--manifest", str(results / "manifest.csv"), "--fold", "0", "--size", "3", "--chunk", "0000",
+               "--first", "liver_999", "--count", "3", "--resampled", str(results / "resampled"),
+               "--models", str(results / "fold0" / "model.pt"), "--out", str(tmp_path / "staged"),
+               "--threads", "1", "--infer", json.dumps({"batch_size": 2}), "--log", str(log)]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert done.returncode != 0
+    assert "but the workflow planned 3 from liver_999" in done.stderr and "run it again" in done.stderr, done.stderr
+    assert "manifest.csv changed" in log.read_text()
+    assert not (tmp_path / "staged").exists()

@@ -1,5 +1,6 @@
 """Paths, the archive source and input functions shared by every stage."""
 
+import json
 import os
 import shlex
 import shutil
@@ -137,8 +138,10 @@ ENSEMBLE_FOLDS = FOLDS if config["infer"]["ensemble_test"] else FOLDS[:1]
 TEST_WITH_FOLD = ENSEMBLE_FOLDS[0] if len(ENSEMBLE_FOLDS) == 1 else None
 
 
-# the inference settings a prediction depends on: not how many subjects share a job
+# the inference settings a prediction depends on: not how many subjects share a job; as JSON for
+# the infer jobs' command line (params, so that Snakemake reruns them when a setting changes)
 INFER_SETTINGS = {key: value for key, value in config["infer"].items() if key != "subjects_per_job"}
+INFER_SETTINGS_JSON = json.dumps(INFER_SETTINGS, sort_keys=True)
 
 
 def resample_chunks(role):
@@ -163,12 +166,8 @@ def infer_chunks(fold=None):
     """Chunks of fold ``fold``'s validation subjects (and of the test list where TEST_WITH_FOLD is it); None: the test list."""
 
     def make():
-        if fold is None:
-            members, n_models = cohort().role("test"), len(ENSEMBLE_FOLDS)
-        else:
-            members, n_models = cohort().validation(fold), 1
-            if TEST_WITH_FOLD == int(fold):
-                members = members + cohort().role("test")
+        members = chunks.infer_members(cohort(), fold if fold is None else int(fold), _with_test(fold))
+        n_models = len(ENSEMBLE_FOLDS) if fold is None else 1
         costs = [_infer_cost(s, n_models) for s in members]
         size = chunks.chunk_size(
             config["infer"]["subjects_per_job"], costs, chunks.target_seconds(chunks.INFER_STARTUP_S)
@@ -176,6 +175,11 @@ def infer_chunks(fold=None):
         return chunks.Chunks.build([s.subject for s in members], size), costs
 
     return cohort().derived(("infer", None if fold is None else int(fold)), make)
+
+
+def _with_test(fold):
+    """Whether fold ``fold``'s chunks hold the test list too (TEST_WITH_FOLD)."""
+    return fold is not None and TEST_WITH_FOLD == int(fold)
 
 
 def chunk_runtime(plan_of):
@@ -198,16 +202,29 @@ PLACE = 'place() {{ ln -f "$1" "$2" 2>/dev/null || cp "$1" "$2"; touch "$2"; }};
 PLACE_RESOURCES = {"mem_mb": 100, "disk_mb": 0, "runtime": 1}
 
 
-# The resampling jobs run their script by a shell command, not `script:` (whose preamble imports
-# Snakemake into each job: see workflow/scripts/resample.py), with the Python `script:` would use:
-# this interpreter, or the `python` of the job's conda environment or container.
+# The resampling and inference jobs run their script by a shell command, not `script:` (whose
+# preamble imports Snakemake into each job: see workflow/scripts/resample.py), with the Python
+# `script:` would use: this interpreter, or the `python` of the job's conda environment or container.
 JOB_PYTHON = (
     "python"
     if workflow.deployment_settings.deployment_method & {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
     else sys.executable
 )
-RESAMPLE_SCRIPT = shlex.join([JOB_PYTHON, os.path.join(workflow.basedir, "workflow", "scripts", "resample.py")])
-RESAMPLE_SCRIPT = RESAMPLE_SCRIPT.replace("{", "{{").replace("}", "}}")  # a shell command is a format string
+
+
+def job_script(name):
+    """The start of a shell command running workflow/scripts/``name`` with JOB_PYTHON."""
+    command = shlex.join([JOB_PYTHON, os.path.join(workflow.basedir, "workflow", "scripts", name)])
+    return command.replace("{", "{{").replace("}", "}}")  # a shell command is a format string
+
+
+RESAMPLE_SCRIPT = job_script("resample.py")
+INFER_SCRIPT = job_script("infer.py")
+
+
+def _options(options):
+    """``{"--name": value}`` as one shell-quoted string of options."""
+    return shlex.join(str(part) for pair in options.items() for part in pair)
 
 
 def resample_job_args(role, chunk):
@@ -216,7 +233,21 @@ def resample_job_args(role, chunk):
     members = built[chunk]
     options = {"--manifest": _MANIFEST[0], "--role": role, "--size": built.size, "--chunk": chunk}
     options.update({"--first": members[0], "--count": len(members)})
-    return shlex.join(str(part) for pair in options.items() for part in pair)
+    return _options(options)
+
+
+def infer_job_args(fold, chunk):
+    """Which chunk an inference job does (``fold``, or None: the test list), as command-line options.
+
+    The job reads its subjects from manifest.csv (msdseg.chunks.infer_chunk) and refuses a chunk
+    that is not ``--count`` subjects from ``--first``, as the DAG planned it here.
+    """
+    built = infer_chunks(fold)[0]
+    members = built[chunk]
+    options = {"--manifest": _MANIFEST[0], "--fold": "test" if fold is None else int(fold)}
+    options.update({"--size": built.size, "--chunk": chunk, "--first": members[0], "--count": len(members)})
+    options["--resampled"] = result("resampled")
+    return _options(options) + (" --with-test" if _with_test(fold) else "")
 
 
 def resample_chunk_folder(role, subject):
@@ -232,8 +263,7 @@ def test_prediction_chunk_folder(subject):
 
 def resampled_image(subject):
     """The resampled image of any subject of the manifest (imagesTr or imagesTs by its role)."""
-    folder = "imagesTr" if cohort().by_id[subject].role == "train" else "imagesTs"
-    return result(f"resampled/{folder}/{subject}.nii.gz")
+    return chunks.resampled_image(result("resampled"), cohort().by_id[subject])
 
 
 def training_inputs(wildcards):

@@ -1,5 +1,13 @@
 """Stage 4: grid-aggregated inference, a chunk of subjects per job, written back in the original geometry."""
 
+# the infer jobs' command (workflow/scripts/infer.py, a shell command: common.smk, JOB_PYTHON): the
+# chunk (params.chunk: the job reads its subjects from manifest.csv), the models, the staging
+# folder, threads, the infer settings as JSON and the log
+INFER_OPTIONS = (
+    " {params.chunk} --models {input.models:q} --out {output.staged:q} --threads {threads}"
+    " --infer {params.infer:q} --log {log:q}"
+)
+
 
 rule infer_fold:
     """Cross-validation predictions: fold {fold}'s model on a chunk of its validation subjects (infer.subjects_per_job).
@@ -25,10 +33,10 @@ rule infer_fold:
         runtime=chunk_runtime(lambda wildcards: infer_chunks(wildcards.fold)),
         gpu=config["infer"]["gpus"] or LOCAL_GPU,
     params:
-        infer=INFER_SETTINGS,
-        subjects=lambda wildcards: list(infer_chunks(wildcards.fold)[0][wildcards.chunk]),
-    script:
-        "../scripts/infer.py"
+        chunk=lambda wildcards: infer_job_args(wildcards.fold, wildcards.chunk),
+        infer=INFER_SETTINGS_JSON,
+    shell:
+        INFER_SCRIPT + INFER_OPTIONS
 
 
 rule infer_test:
@@ -51,10 +59,10 @@ rule infer_test:
         runtime=chunk_runtime(lambda wildcards: infer_chunks(None)),
         gpu=config["infer"]["gpus"] or LOCAL_GPU,
     params:
-        infer=INFER_SETTINGS,
-        subjects=lambda wildcards: list(infer_chunks(None)[0][wildcards.chunk]),
-    script:
-        "../scripts/infer.py"
+        chunk=lambda wildcards: infer_job_args(None, wildcards.chunk),
+        infer=INFER_SETTINGS_JSON,
+    shell:
+        INFER_SCRIPT + INFER_OPTIONS
 
 
 rule place_fold_prediction:
