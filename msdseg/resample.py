@@ -264,21 +264,15 @@ def resample_role_chunk(
 ) -> float:
     """:func:`resample_chunk` of chunk ``chunk`` of the ``role`` subjects of ``manifest``, ``size`` per chunk.
 
-    The job finds its subjects where the DAG did (:func:`msdseg.chunks.role_chunk`), so its
+    The job finds its subjects where the DAG did (:func:`msdseg.chunks.planned_chunk`), so its
     command needs no list of files; ``first`` and ``count`` are what the DAG found, and a
     different answer (manifest.csv rewritten since) stops the job instead of resampling others.
     ``plan`` is the path of plan.json (:func:`read_resampling_plan`).
     """
-    from msdseg.chunks import read_cohort, role_chunk
-    from msdseg.errors import DatasetError
+    from msdseg.chunks import planned_chunk, read_cohort
 
-    members = role_chunk(read_cohort(manifest), role, size, chunk)
-    if len(members) != count or members[0].subject != first:
-        raise DatasetError(
-            f"{manifest}: chunk {chunk} of the {role} subjects is {len(members)} subject(s) from "
-            f"{members[0].subject if members else None}, but the workflow planned {count} from {first}; "
-            "manifest.csv changed while the workflow ran: run it again."
-        )
+    members = planned_chunk(read_cohort(manifest).role(role), size, chunk, first, count,
+                            f"the {role} subjects", manifest)
     labelled = role == "train"
     return resample_chunk(
         [s.subject for s in members],

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from msdseg.train import train
 from msdseg.train.state import LOG
 
 MAX_PROBE_STEPS = 48  # bounds the probe's time on a slow device
@@ -42,8 +43,6 @@ def pipeline_pace(train_rows: Sequence[Mapping[str, Any]], plan: Mapping[str, An
     One cycle is the steps that empty the queue once (queue_length / batch); the first holds the
     queue's first fill and the workers' start, which ``startup_s`` accounts for instead.
     """
-    from msdseg.train import train  # the package imports this module's users, not the other way round
-
     cfg = config["train"]
     cycle = max(1, math.ceil(int(cfg["queue_length"]) / int(cfg["batch_size"])))
     # past the first fills and the cold start of the workers (Task04: 4 steps of warm-up read 1.9x the real pace)
