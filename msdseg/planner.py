@@ -218,7 +218,8 @@ def candidate_patches(fingerprint: Fingerprint, spatial_dims: int,
     seen: set[tuple[int, int, int]] = set()
     while True:
         network = network_for([int(round(p)) for p in patch], fingerprint.target_spacing, spatial_dims, 1)
-        if network.patch not in seen:
+        rounded_below = any(p < f for p, f in zip(network.patch, floor))  # the pooling's multiple undercut it
+        if network.patch not in seen and not rounded_below:
             seen.add(network.patch)
             yield network.patch
         least = [max(2 * MIN_FEATURE_SIZE, floor[a]) for a in range(3)]
