@@ -43,10 +43,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msdseg.chunks import parse_work, read_cohort  # noqa: E402
+from msdseg.jobs.cohort import read_cohort
+from msdseg.jobs.worklog import parse_work
 
 sys.path.insert(0, str(ROOT / "tests"))
-from workflow_runner import planned_jobs  # noqa: E402  (tests/workflow_runner.py: one parser of the job table)
+from workflow_runner import planned_jobs
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 HIPPOCAMPUS = "Task04_Hippocampus"

@@ -40,7 +40,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msdseg.devices import GPU_COUNT_ENV, gpu_slot, local_gpu_count, precision_name, resolve_precision  # noqa: E402
+from msdseg.devices import precision_name, resolve_precision
+from msdseg.jobs.gpu_slots import GPU_COUNT_ENV, gpu_slot, local_gpu_count
 
 TASK = "Task00_SyntheticLiver"
 MIN_DICE = 0.99
@@ -106,8 +107,8 @@ def train_once(rows: tuple[list, list], plan: dict, config: dict, out: Path, thr
     import pandas as pd
     import torch
 
-    from msdseg.model import load_model
-    from msdseg.train import train
+    from msdseg.model.unet import load_model
+    from msdseg.train.trainer import train
 
     cuda = device == "cuda"
     if cuda:
@@ -138,9 +139,9 @@ def compare_predictions(model: Path, val_rows: list[dict[str, str]], plan: dict,
     import numpy as np
 
     from msdseg.decathlon import foreground_labels
-    from msdseg.io import read_label_volume
+    from msdseg.images import read_label_volume
+    from msdseg.infer.predict import predict_subject
     from msdseg.metrics import dice
-    from msdseg.predict import predict_subject
 
     classes = foreground_labels(plan["labels"])
     runs = {"device": device, "cpu": "cpu"}

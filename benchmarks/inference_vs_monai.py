@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
 
-from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
+from bootstrap import bootstrap_interval
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 PROBABILITY_BYTES = 3 * 512 * 512 * 400 * 4
@@ -91,7 +91,7 @@ def overlap_voxels(patch: Sequence[int], fraction: float) -> list[int]:
 
 def run_msdseg(model: torch.nn.Module, image: torch.Tensor, patch: Sequence[int], fraction: float, mode: str,
                batch_size: int, device: str) -> torch.Tensor:
-    from msdseg.inference import predict_probabilities
+    from msdseg.model.sliding_window import predict_probabilities
 
     return predict_probabilities(model, image, patch, overlap_voxels(patch, fraction), batch_size, device,
                                  overlap_mode=mode, tta=False, amp="fp32")
@@ -121,11 +121,11 @@ METHODS = {"msdseg": run_msdseg, "monai": run_monai}
 
 def prepare(work: Path, config: dict) -> tuple[list[dict], dict]:
     """Extract, manifest, plan and resample all 210 subjects through the package."""
-    from msdseg.archive import safe_extract
+    from msdseg.data.archive import safe_extract
+    from msdseg.data.manifest import build_manifest
+    from msdseg.data.resample import resample_subject
     from msdseg.decathlon import read_dataset_json
-    from msdseg.manifest import build_manifest
-    from msdseg.plan import make_plan
-    from msdseg.resample import resample_subject
+    from msdseg.plan.preprocessing import make_plan
 
     task_dir = safe_extract(ARCHIVE, work / "raw")
     dataset = read_dataset_json(task_dir)
@@ -143,7 +143,7 @@ def prepare(work: Path, config: dict) -> tuple[list[dict], dict]:
 
 def quick_model(rows: list[dict], plan: dict, config: dict, work: Path, minutes: float, threads: int) -> Path:
     """A briefly trained model (msdseg.train): good enough to compare two ways of aggregating it."""
-    from msdseg.train import train
+    from msdseg.train.trainer import train
 
     labelled = [r for r in rows if r["label"]]
     random.Random(0).shuffle(labelled)
@@ -154,7 +154,8 @@ def quick_model(rows: list[dict], plan: dict, config: dict, work: Path, minutes:
 
 
 def load_cases(rows: list[dict], plan: dict) -> list[tuple[str, torch.Tensor, np.ndarray | None]]:
-    from msdseg.data import IMAGE, LABEL, preprocessing, subjects_from_paths
+    from msdseg.data.normalize import preprocessing
+    from msdseg.data.subjects import IMAGE, LABEL, subjects_from_paths
 
     transform = preprocessing(plan)
     cases = []
@@ -254,7 +255,7 @@ def _large_volume(shape: Sequence[int]) -> torch.Tensor:
 
 def large_worker(args: argparse.Namespace) -> None:
     """One method on the large volume in this (fresh) process; prints one JSON line."""
-    from msdseg.model import load_model
+    from msdseg.model.unet import load_model
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, args.device)
@@ -264,7 +265,7 @@ def large_worker(args: argparse.Namespace) -> None:
     runtime = _current_rss_mb()  # interpreter, torch, libraries, model: not the method's memory
     patch, fraction = args.large_patch, args.large_overlap
     if args.large_worker.startswith("predict_subject"):
-        from msdseg.predict import predict_subject
+        from msdseg.infer.predict import predict_subject
 
         work = Path(args.large_dir)
         # "predict_subject": the resampled grid is the original (no resampling back); with
@@ -368,7 +369,7 @@ def main() -> None:
 
     from msdseg.config import load_config
     from msdseg.decathlon import foreground_labels
-    from msdseg.model import UNet, load_model, save_model
+    from msdseg.model.unet import UNet, load_model, save_model
 
     monai_version = ensure_monai()
     torch.set_num_threads(args.threads)

@@ -17,12 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from msdseg.decathlon import NNUNET_PLANS, TASKS  # noqa: E402
-from msdseg.devices import cpu_has_native_bf16  # noqa: E402
-from msdseg.planner import DeviceSpec, PlanError, plan_training, published_fingerprint, torch_probe  # noqa: E402
+from msdseg.decathlon import NNUNET_PLANS, TASKS
+from msdseg.devices import cpu_has_native_bf16
+from msdseg.plan.fingerprint import DeviceSpec, published_fingerprint
+from msdseg.plan.record import PlanError
+from msdseg.plan.training import plan_training
+from msdseg.train.probe import torch_probe
 
 
 def main() -> None:

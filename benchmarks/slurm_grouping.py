@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from msdseg.decathlon import subject_id  # noqa: E402
-from slurm_cluster import SlurmCluster  # noqa: E402  (tests/slurm_cluster.py)
+from msdseg.decathlon import subject_id
+from slurm_cluster import SlurmCluster
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 MD5SUMS = ROOT.parent / "shared" / "data" / "MD5SUMS"

@@ -30,34 +30,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # only effective before torch starts its pool
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
+import yaml
 
-from bootstrap import bootstrap_interval  # noqa: E402  (benchmarks/bootstrap.py)
-from msdseg.archive import safe_extract  # noqa: E402
-from msdseg.config import layered_config  # noqa: E402
-from msdseg.data import IMAGE, make_loader, make_queue, mirror_axes, subjects_from_paths  # noqa: E402
-from msdseg.decathlon import foreground_labels, read_dataset_json  # noqa: E402
-from msdseg.devices import cpu_has_native_bf16  # noqa: E402
-from msdseg.manifest import build_manifest  # noqa: E402
-from msdseg.metrics import evaluate_subject  # noqa: E402
-from msdseg.plan import make_plan  # noqa: E402
-from msdseg.planner import (  # noqa: E402
+from bootstrap import bootstrap_interval
+from msdseg.config import (
     PLANNED_KEYS,
-    DeviceSpec,
-    Fingerprint,
-    TrainingPlan,
-    apply_plan,
-    plan_training,
-    settle_budget,
-    torch_probe,
+    layered_config,
 )
-from msdseg.predict import predict_subject  # noqa: E402
-from msdseg.resample import resample_subject  # noqa: E402
-from msdseg.train import train  # noqa: E402
-from msdseg.train.probe import pipeline_pace  # noqa: E402
+from msdseg.data.archive import safe_extract
+from msdseg.data.manifest import build_manifest
+from msdseg.data.resample import resample_subject
+from msdseg.data.subjects import IMAGE, subjects_from_paths
+from msdseg.decathlon import foreground_labels, read_dataset_json
+from msdseg.devices import cpu_has_native_bf16
+from msdseg.infer.predict import predict_subject
+from msdseg.metrics import evaluate_subject
+from msdseg.plan.budget import settle_budget
+from msdseg.plan.fingerprint import DeviceSpec, Fingerprint
+from msdseg.plan.preprocessing import make_plan
+from msdseg.plan.record import TrainingPlan, apply_plan
+from msdseg.plan.training import plan_training
+from msdseg.train.augmentation import mirror_axes
+from msdseg.train.probe import pipeline_pace, torch_probe
+from msdseg.train.queue import make_loader, make_queue
+from msdseg.train.trainer import train
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "Task04_Hippocampus.tar"
 

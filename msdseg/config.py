@@ -31,6 +31,31 @@ PLANNED_KEYS = (
     "train.samples_per_volume", "train.queue_length",
 )
 
+# Which train.* keys change what: defined here once, read by the train rules' params
+# (workflow/rules/train.smk) and by the checkpoint's identity (msdseg.train.state.config_hash).
+SCHEDULING_KEYS = frozenset({"folds", "threads", "mem_mb", "gpus"})
+"""What a train job asks the scheduler for: never a reason to rerun a job."""
+CADENCE_KEYS = frozenset({"iterations", "max_minutes", "validate_every", "validation_cases", "checkpoint_every"})
+"""The budget and its cadence: a step's pace does not depend on them, so a change keeps the measured plan."""
+RESUMABLE_KEYS = SCHEDULING_KEYS | {"max_minutes", "checkpoint_every", "validate_every", "num_workers", "devices"}
+"""Keys a checkpoint survives a change of: they do not change what the next step learns."""
+
+
+def train_job_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """The train section as a train job reads it (its params): adding a fold or a thread retrains nothing."""
+    return {k: v for k, v in train.items() if k not in SCHEDULING_KEYS}
+
+
+def pace_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """The train keys a step's pace depends on (plan_training's params): not the scheduling, budget or cadence."""
+    return {k: v for k, v in train_job_settings(train).items() if k not in CADENCE_KEYS}
+
+
+def identity_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """The train keys a run's identity hashes: a checkpoint of a run that differs only elsewhere resumes."""
+    return {k: v for k, v in train_job_settings(train).items() if k not in RESUMABLE_KEYS}
+
+
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 

@@ -17,7 +17,7 @@ from msdseg.errors import DatasetError
 _V = TypeVar("_V")
 
 SYNTHETIC_TASK = "Task00_SyntheticLiver"
-"""The embedded demo task (``msdseg.synthetic``), the workflow's default dataset."""
+"""The embedded demo task (``msdseg.data.synthetic``), the workflow's default dataset."""
 SYNTHETIC_LABELS = {"0": "background", "1": "liver", "2": "cancer"}
 """The demo's dataset.json labels (the torchio liver tutorial's classes)."""
 
@@ -129,10 +129,14 @@ class DatasetInfo:
         return tuple(s for s in self.subjects if s.role == "test")
 
 
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+"""The image file suffixes msdseg reads and writes (longest first, so that ``.nii.gz`` is stripped whole)."""
+
+
 def subject_id(path: str | Path) -> str:
     """Subject id of an image path: the file name without ``.nii.gz`` / ``.nii``."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name

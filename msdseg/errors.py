@@ -2,11 +2,15 @@
 
 
 class MsdsegError(Exception):
-    """Base class of the errors msdseg raises on purpose (except ConfigError, a ValueError)."""
+    """Base class of every error msdseg raises on purpose: catch this one to catch them all."""
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key and what to do."""
+class ConfigError(MsdsegError, ValueError):
+    """A config value is wrong; the message names the key and what to do (a ValueError too, as before)."""
+
+
+class PlanError(ConfigError):
+    """The plan cannot fit the device or the budget; the message names the numbers and the key."""
 
 
 class DownloadError(MsdsegError):

@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from msdseg.decathlon import foreground_labels, subject_id
 from msdseg.errors import SubjectError
-from msdseg.io import read_label_volume
+from msdseg.images import read_label_volume
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> float:

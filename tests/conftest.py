@@ -56,15 +56,15 @@ def hippocampus_tar(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def hippocampus_dir(hippocampus_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from msdseg.archive import safe_extract
+    from msdseg.data.archive import safe_extract
 
     return safe_extract(hippocampus_tar, tmp_path_factory.mktemp("hippocampus") / "Task04_Hippocampus")
 
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from msdseg.archive import safe_extract
-    from msdseg.synthetic import make_synthetic_task
+    from msdseg.data.archive import safe_extract
+    from msdseg.data.synthetic import make_synthetic_task
 
     folder = tmp_path_factory.mktemp("synthetic")
     archive = folder / "Task00_SyntheticLiver.tar"

@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from msdseg import io
+from msdseg import images
 from msdseg.config import load_config
+from msdseg.data.resample import _check_grid, _resample, channels_on_reference
 from msdseg.decathlon import foreground_labels, label_json, read_dataset_json, subject_id
 from msdseg.metrics import volume_ml
-from msdseg.resample import _check_grid, _resample, channels_on_reference
 
 SYNTHETIC_LABELS = {0: "background", 1: "liver", 2: "cancer"}
 HIPPOCAMPUS_LABELS = {0: "background", 1: "Anterior", 2: "Posterior"}
@@ -44,7 +44,7 @@ def plan(
     target_spacing: Sequence[float] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """A plan.json dict with every key :func:`msdseg.plan.read_plan` wants; ``overrides`` replace keys."""
+    """A plan.json dict with every key :func:`msdseg.plan.preprocessing.read_plan` wants; ``overrides`` replace keys."""
     built = {
         "task": task, "labels": label_json(labels), "modality": {"0": modality}, "n_channels": 1,
         "target_spacing": None if target_spacing is None else list(target_spacing), "inplane_size": None,
@@ -89,7 +89,7 @@ def predicted_volumes(prediction_paths: Iterable[str | os.PathLike[str]], labels
     rows = []
     classes = foreground_labels(labels)
     for path in prediction_paths:
-        data, _, spacing = io.read_label_volume(path)
+        data, _, spacing = images.read_label_volume(path)
         for key, class_name in classes.items():
             rows.append({"subject": subject_id(path), "label": key, "class_name": class_name,
                          "volume_ml": volume_ml(data, key, spacing)})
@@ -102,12 +102,12 @@ def resample_to_reference(
 ) -> np.ndarray:
     """(C, x, y, z) on ``source``'s grid -> (C, x', y', z') float32 on ``reference``'s, all channels at once.
 
-    :func:`msdseg.resample.channels_on_reference` stacked, to compare whole volumes.
+    :func:`msdseg.data.resample.channels_on_reference` stacked, to compare whole volumes.
     """
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 4:
         raise ValueError(f"probabilities must be (C, x, y, z), got shape {probabilities.shape}")
-    reference_grid = io.spatial_geometry(reference)
+    reference_grid = images.spatial_geometry(reference)
     result = np.empty((probabilities.shape[0], *reference_grid.size), dtype=np.float32)
     for index, channel in enumerate(channels_on_reference(probabilities, source, reference)):
         result[index] = channel
@@ -126,11 +126,11 @@ def resample_label_to_reference(
         raise ValueError(f"label must be (x, y, z), got shape {label.shape}")
     if label.dtype == bool:
         label = label.astype(np.uint8)
-    source_grid = io.spatial_geometry(source)
+    source_grid = images.spatial_geometry(source)
     _check_grid(label, source_grid, "label")
-    image = io.image_on_grid(label, source_grid)
-    resampled = _resample(image, io.spatial_geometry(reference), sitk.sitkNearestNeighbor, image.GetPixelID())
-    return io.to_xyz(resampled).astype(label.dtype, copy=False)
+    image = images.image_on_grid(label, source_grid)
+    resampled = _resample(image, images.spatial_geometry(reference), sitk.sitkNearestNeighbor, image.GetPixelID())
+    return images.to_xyz(resampled).astype(label.dtype, copy=False)
 
 
 def write_task_folder(root: Path, name: str, *, labels: Sequence[str], channels: int = 1,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from msdseg.archive import safe_extract
+from msdseg.data.archive import safe_extract
 from msdseg.errors import ArchiveError
 
 

@@ -19,11 +19,15 @@ import torchio as tio
 from torch.utils.data.distributed import DistributedSampler
 
 from helpers import plan, tiny_config, training_rows
-from msdseg.data import EpochQueue, make_queue, preprocessing, subjects_from_paths
+from msdseg.data.normalize import preprocessing
+from msdseg.data.subjects import subjects_from_paths
 from msdseg.errors import MsdsegError
-from msdseg.inference import predict_probabilities
-from msdseg.model import load_model
-from msdseg.train import CHECKPOINT, DDP_DIAGNOSTICS, DDP_DIAGNOSTICS_ENV, LOG, train
+from msdseg.model.sliding_window import predict_probabilities
+from msdseg.model.unet import load_model
+from msdseg.train.queue import EpochQueue, make_queue
+from msdseg.train.ranks import DDP_DIAGNOSTICS, DDP_DIAGNOSTICS_ENV
+from msdseg.train.state import CHECKPOINT, LOG
+from msdseg.train.trainer import train
 
 torch.set_num_threads(1)
 PLAN = plan()  # the synthetic task's labels, z-score, no resampling

@@ -22,16 +22,10 @@ import torch
 import yaml
 
 from msdseg import devices
-from msdseg.devices import (
-    gpu_count,
-    gpu_slot,
-    is_out_of_memory,
-    local_gpu_count,
-    precision_name,
-    resolve_precision,
-    visible_devices,
-)
+from msdseg.devices import is_out_of_memory, precision_name, resolve_precision
 from msdseg.errors import ConfigError
+from msdseg.jobs import gpu_slots
+from msdseg.jobs.gpu_slots import gpu_count, gpu_slot, local_gpu_count, visible_devices
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -40,7 +34,7 @@ HOLDER = """
 import logging, os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
-from msdseg.devices import gpu_slot
+from msdseg.jobs.gpu_slots import gpu_slot
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 out, stop, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 with gpu_slot(n, poll_s=0.05) as ids:
@@ -54,9 +48,9 @@ with gpu_slot(n, poll_s=0.05) as ids:
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """No SLURM, no user GPU choice, slots on, locks in a folder of this test."""
-    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "SLURM_JOB_ID", devices.SLOTS_ENV):
+    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "SLURM_JOB_ID", gpu_slots.SLOTS_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    monkeypatch.setenv(gpu_slots.LOCK_DIR_ENV, str(tmp_path / "locks"))
     return tmp_path
 
 
@@ -69,8 +63,8 @@ class Holder:
             script.write_text(HOLDER)
         self.out, self.stop_file = folder / f"{name}.out", folder / f"{name}.stop"
         env = {key: value for key, value in os.environ.items()
-               if key not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", devices.SLOTS_ENV)}
-        env.update({devices.GPU_COUNT_ENV: str(gpus), devices.LOCK_DIR_ENV: str(folder / "locks")})
+               if key not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", gpu_slots.SLOTS_ENV)}
+        env.update({gpu_slots.GPU_COUNT_ENV: str(gpus), gpu_slots.LOCK_DIR_ENV: str(folder / "locks")})
         self.process = subprocess.Popen(
             [sys.executable, str(script), str(self.out), str(self.stop_file), str(n), str(REPOSITORY)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -147,7 +141,7 @@ def test_a_job_with_two_devices_gets_two_gpus_others_the_rest(tmp_path):
 
 
 def test_slot_sets_the_variable_inside_and_restores_it_after(clean_env, monkeypatch):
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "2")
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "2")
     with gpu_slot(2) as ids:
         assert ids == ["0", "1"]
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
@@ -158,7 +152,7 @@ def test_slot_sets_the_variable_inside_and_restores_it_after(clean_env, monkeypa
 
 
 def test_slurm_gpus_are_left_alone(clean_env, monkeypatch):
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "4")
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "4")
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     with gpu_slot(1) as ids:
@@ -173,7 +167,7 @@ def test_user_choice_of_gpus_is_respected(clean_env, monkeypatch):
     """Only GPUs the user listed are handed out, each to one job (here GPU 2 is taken)."""
     import fcntl
 
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "8")
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "8")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     with gpu_slot(1) as ids:
         assert ids == ["2"] and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
@@ -192,14 +186,14 @@ def test_user_choice_of_gpus_is_respected(clean_env, monkeypatch):
 
 
 def test_no_gpu_switched_off_or_too_many_asked(clean_env, monkeypatch):
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "0")
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "0")
     with gpu_slot(2) as ids:  # a CPU machine (train.devices: 2 trains with gloo there)
         assert ids is None and "CUDA_VISIBLE_DEVICES" not in os.environ
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "2")
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "2")
     with pytest.raises(ConfigError, match=r"train\.devices.*has 2"):
         with gpu_slot(3):
             pass
-    monkeypatch.setenv(devices.SLOTS_ENV, "0")
+    monkeypatch.setenv(gpu_slots.SLOTS_ENV, "0")
     with gpu_slot(1) as ids:
         assert ids is None and "CUDA_VISIBLE_DEVICES" not in os.environ
 
@@ -215,17 +209,17 @@ def test_visible_devices_read_as_cuda_reads_them(monkeypatch):
 
 def test_gpu_count_override_and_visible_count(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "3")
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "3")
     assert gpu_count() == 3 and local_gpu_count() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert gpu_count() == 3 and local_gpu_count() == 1
-    monkeypatch.setenv(devices.GPU_COUNT_ENV, "three")
-    with pytest.raises(ConfigError, match=devices.GPU_COUNT_ENV):
+    monkeypatch.setenv(gpu_slots.GPU_COUNT_ENV, "three")
+    with pytest.raises(ConfigError, match=gpu_slots.GPU_COUNT_ENV):
         gpu_count()
 
 
 def test_the_snakefile_probe_does_not_import_torch():
-    code = "import sys, msdseg.devices as d; d.local_gpu_count(); assert 'torch' not in sys.modules"
+    code = "import sys, msdseg.jobs.gpu_slots as d; d.local_gpu_count(); assert 'torch' not in sys.modules"
     run = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPOSITORY)), timeout=60)
     assert run.returncode == 0, run.stderr
@@ -288,7 +282,7 @@ def test_precision_on_cpus_and_other_devices(monkeypatch):
 
 
 def test_autocast_dtype_delegates(monkeypatch):
-    from msdseg.inference import autocast_dtype
+    from msdseg.model.sliding_window import autocast_dtype
 
     _gpu(monkeypatch, 7)
     assert autocast_dtype("auto", CUDA) == torch.float16
@@ -366,7 +360,8 @@ class _FakeModel:
 
 def _scripted(monkeypatch, failures):
     """predict_probabilities that raises the next of ``failures`` (None: succeeds); records each try."""
-    from msdseg import inference
+    from msdseg.model import sliding_window
+
 
     tries = []
 
@@ -377,12 +372,12 @@ def _scripted(monkeypatch, failures):
             raise failure
         return torch.zeros(2, 4, 4, 4)
 
-    monkeypatch.setattr(inference, "predict_probabilities", fake)
+    monkeypatch.setattr(sliding_window, "predict_probabilities", fake)
     return tries
 
 
 def test_fallback_on_a_cublas_allocation_failure(monkeypatch, caplog):
-    from msdseg.predict import predict_with_fallback
+    from msdseg.infer.predict import predict_with_fallback
 
     _gpu(monkeypatch, 8)
     tries = _scripted(monkeypatch, [
@@ -391,7 +386,7 @@ def test_fallback_on_a_cublas_allocation_failure(monkeypatch, caplog):
         None,
     ])
     infer = {"batch_size": 2, "precision": "auto"}
-    with caplog.at_level("WARNING", logger="msdseg.predict"):
+    with caplog.at_level("WARNING", logger="msdseg.infer.predict"):
         out = predict_with_fallback(_FakeModel(), torch.zeros(1, 4, 4, 4), [4, 4, 4], [0, 0, 0], infer, "cuda")
     assert out.shape == (2, 4, 4, 4)
     assert tries == [("cuda", 2), ("cuda", 1), ("cpu", 1)]
@@ -399,7 +394,7 @@ def test_fallback_on_a_cublas_allocation_failure(monkeypatch, caplog):
 
 
 def test_fallback_on_the_cpu_halves_the_batch_then_gives_up(monkeypatch):
-    from msdseg.predict import predict_with_fallback
+    from msdseg.infer.predict import predict_with_fallback
 
     failure = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes")
     tries = _scripted(monkeypatch, [failure, failure])
@@ -409,7 +404,7 @@ def test_fallback_on_the_cpu_halves_the_batch_then_gives_up(monkeypatch):
 
 
 def test_other_errors_are_not_retried(monkeypatch):
-    from msdseg.predict import predict_with_fallback
+    from msdseg.infer.predict import predict_with_fallback
 
     tries = _scripted(monkeypatch, [RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), None])
     with pytest.raises(RuntimeError, match="NOT_SUPPORTED"):
@@ -418,7 +413,7 @@ def test_other_errors_are_not_retried(monkeypatch):
 
 
 def test_bf16_inference_on_a_gpu_without_bf16_fails_before_predicting(monkeypatch):
-    from msdseg.predict import predict_with_fallback
+    from msdseg.infer.predict import predict_with_fallback
 
     _gpu(monkeypatch, 7)
     tries = _scripted(monkeypatch, [None])
@@ -469,9 +464,9 @@ def _gpus_asked(workdir: Path, devices_: int, *args: str, gpus: str | None = Non
     config_file = workdir / f"devices{devices_}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     env = {key: value for key, value in os.environ.items()
-           if key not in ("CUDA_VISIBLE_DEVICES", devices.GPU_COUNT_ENV)}
+           if key not in ("CUDA_VISIBLE_DEVICES", gpu_slots.GPU_COUNT_ENV)}
     if gpus is not None:
-        env[devices.GPU_COUNT_ENV] = gpus
+        env[gpu_slots.GPU_COUNT_ENV] = gpus
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPOSITORY / "Snakefile"), "--directory", str(workdir),
          "-n", "--nocolor", *args, "--configfile", str(config_file)],

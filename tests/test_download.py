@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loopback import LoopbackServer
-from msdseg.download import download, file_digest
+from msdseg.data.download import download, file_digest
 from msdseg.errors import ChecksumError, DownloadError
 
 FAST = {"backoff_s": 0.01, "timeout_s": 10.0, "progress": False}
@@ -151,7 +151,7 @@ def test_no_digest_logs_sha256(
 ) -> None:
     payload = b"unpinned"
     (http_server.root / "a.tar").write_bytes(payload)
-    with caplog.at_level(logging.WARNING, logger="msdseg.download"):
+    with caplog.at_level(logging.WARNING, logger="msdseg.data.download"):
         download(http_server.url_for("a.tar"), tmp_path / "a.tar", **FAST)
     assert hashlib.sha256(payload).hexdigest() in caplog.text
 
@@ -177,7 +177,7 @@ def test_served_folder_file(http_server: LoopbackServer, hippocampus_tar: Path, 
 
 
 def test_verify_checksum_of_a_local_archive_names_both_digests_and_keeps_the_file(tmp_path):
-    from msdseg.download import verify_checksum
+    from msdseg.data.download import verify_checksum
     from msdseg.errors import ChecksumError
 
     archive = tmp_path / "mine.tar"

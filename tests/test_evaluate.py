@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msdseg.evaluate import SUMMARY_COLUMNS, dice_summary, fold_metrics, read_metrics
-from msdseg.io import write_csv
+from msdseg.files import write_csv
 from msdseg.metrics import METRIC_COLUMNS
-from msdseg.plots import (
+from msdseg.report.plots import (
     OverlayCase,
     best_and_worst,
     overlay_cases,
@@ -20,6 +19,7 @@ from msdseg.plots import (
     plot_learning_curve,
     plot_overlays,
 )
+from msdseg.report.tables import SUMMARY_COLUMNS, dice_summary, fold_metrics, read_metrics
 
 NAN = float("nan")
 

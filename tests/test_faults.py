@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from msdseg.config import load_config
-from msdseg.model import UNet, save_model
+from msdseg.model.unet import UNet, save_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # the tiny training runs of the disk-full test
@@ -55,7 +55,7 @@ def _fill(disk: Path, leave_free: int) -> None:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     tmp_path, small_disk, synthetic_rows, synthetic_plan, make_config
 ):
-    from msdseg.train import train
+    from msdseg.train.trainer import train
 
     subjects = synthetic_rows
     # Measure a checkpoint on a normal disk while a probe run writes one every iteration.
@@ -92,7 +92,7 @@ def _tiny_model(path: Path, plan: dict[str, Any]) -> Path:
 
 
 def test_disk_full_while_writing_a_prediction_leaves_no_file(tmp_path, small_disk, synthetic_dir, synthetic_plan):
-    from msdseg.predict import predict_subject
+    from msdseg.infer.predict import predict_subject
 
     model = _tiny_model(tmp_path / "model.pt", synthetic_plan)
     image = synthetic_dir / "imagesTr" / "liver_001.nii.gz"
@@ -113,7 +113,7 @@ import os, pathlib, signal, sys, time
 import nibabel
 import torch
 from msdseg.config import load_config
-from msdseg.predict import predict_subject
+from msdseg.infer.predict import predict_subject
 
 model, image, out, marker = sys.argv[1:5]
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises, even where the parent ignores it
@@ -270,7 +270,7 @@ def test_unsafe_loads_are_found(source: str) -> None:
     "import torch\ntorch.load(p, map_location='cpu', weights_only=True)",
     "from torch import load\nx = f(load(p, weights_only=True))",
     "import numpy as np\nimport json\nnp.load(p)\njson.load(handle)",
-    "from msdseg.model import load_model\nload_model(p)",
+    "from msdseg.model.unet import load_model\nload_model(p)",
 ])
 def test_safe_loads_pass(source: str) -> None:
     assert unsafe_loads(source) == []
@@ -279,6 +279,6 @@ def test_safe_loads_pass(source: str) -> None:
 def test_no_untrusted_pickle_loading() -> None:
     """torch.load always with weights_only=True and no pickle loads in the package, scripts, benchmarks, tests."""
     paths = sorted(path for folder in _SCANNED for path in (REPOSITORY / folder).rglob("*.py"))
-    assert any(path.name == "model.py" for path in paths)
+    assert any(path.name == "unet.py" for path in paths)
     offenders = [o for path in paths for o in unsafe_loads(path.read_text(), str(path.relative_to(REPOSITORY)))]
     assert not offenders, offenders

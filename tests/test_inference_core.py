@@ -1,4 +1,4 @@
-"""msdseg.inference.predict_probabilities: grid sampling/aggregation, padding, 2D models, TTA."""
+"""msdseg.model.sliding_window.predict_probabilities: grid sampling/aggregation, padding, 2D models, TTA."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from msdseg.errors import ConfigError
-from msdseg.inference import default_overlap, grid_overlap, predict_probabilities
-from msdseg.model import UNet
+from msdseg.grid import default_overlap, grid_patch_count
+from msdseg.model.sliding_window import grid_overlap, predict_probabilities
+from msdseg.model.unet import UNet
 
 torch.set_num_threads(1)
 
@@ -95,7 +96,7 @@ def test_lean_aggregator_equals_torchio(mode: str) -> None:
     """The leaner aggregator (one weight channel, batched window) gives torchio's volume."""
     import torchio as tio
 
-    from msdseg.inference import LeanGridAggregator
+    from msdseg.model.sliding_window import LeanGridAggregator
 
     generator = torch.Generator().manual_seed(0)
     subject = tio.Subject(image=tio.ScalarImage(tensor=torch.rand(1, 21, 18, 13, generator=generator)))
@@ -112,7 +113,7 @@ def test_lean_aggregator_equals_torchio(mode: str) -> None:
 def test_precision_on_cpu() -> None:
     """CPUs run fp32 unless bf16 is asked for and computed natively there (AVX512-BF16/AMX)."""
     from msdseg.devices import cpu_has_native_bf16
-    from msdseg.inference import autocast_dtype
+    from msdseg.model.sliding_window import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp16", cpu) is None
@@ -127,3 +128,17 @@ def test_bf16_probabilities_agree_with_fp32() -> None:
     half = predict_probabilities(model, image, (16, 16, 16), amp="bf16")
     assert half.dtype == torch.float32
     assert (full.argmax(0) == half.argmax(0)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("shape, patch, overlap", [
+    ((35, 51, 35), (32, 48, 32), None), ((100, 90, 7), (40, 56, 1), None),
+    ((20, 20, 20), (32, 32, 32), None), ((64, 80, 48), (32, 32, 16), (8, 8, 4))])
+def test_grid_patch_count_is_torchio_grid_samplers_length(shape, patch, overlap) -> None:
+    """The one patch count (jobs' cost model, planner's validation cost) is what the GridSampler takes."""
+    import torchio as tio
+
+    from msdseg.data.subjects import PadToAtLeast
+
+    laps = [0 if p == 1 else v for p, v in zip(patch, overlap or default_overlap(patch))]
+    subject = PadToAtLeast(patch)(tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(1, *shape))))
+    assert grid_patch_count(shape, patch, laps) == len(tio.GridSampler(subject, patch, laps))

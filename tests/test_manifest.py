@@ -1,4 +1,4 @@
-"""msdseg.manifest on the real hippocampus archive, and on real files broken on purpose."""
+"""msdseg.data.manifest on the real hippocampus archive, and on real files broken on purpose."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from msdseg.decathlon import DatasetInfo, read_dataset_json
-from msdseg.errors import ConfigError, SubjectError
-from msdseg.manifest import (
+from msdseg.data.manifest import (
     EXCLUDED_COLUMNS,
     assign_folds,
     build_manifest,
@@ -25,6 +23,8 @@ from msdseg.manifest import (
     write_excluded,
     write_manifest,
 )
+from msdseg.decathlon import DatasetInfo, read_dataset_json
+from msdseg.errors import ConfigError, SubjectError
 
 EXPECTED_COLUMNS = [
     "subject", "role", "fold", "image", "label", "n_channels", "shape", "spacing", "origin",
@@ -272,8 +272,8 @@ def test_four_dimensional_image_counts_channels(hippocampus_dir: Path, tmp_path:
 
 def test_a_4d_label_with_one_volume_is_3d_everywhere(hippocampus_dir: Path, tmp_path: Path) -> None:
     """The manifest, the resample step and the metrics read an (x, y, z, 1) label as (x, y, z)."""
-    from msdseg.io import label_shape, read_label_volume
-    from msdseg.resample import resample_subject
+    from msdseg.data.resample import resample_subject
+    from msdseg.images import label_shape, read_label_volume
 
     assert label_shape((4, 5, 6, 1)) == (4, 5, 6) and label_shape([4, 5, 6]) == (4, 5, 6)
     assert label_shape((4, 5, 6, 2)) == (4, 5, 6, 2)

@@ -1,4 +1,4 @@
-"""msdseg.model: one U-Net for 2D and 3D, and the model.pt contract (weights_only loading)."""
+"""msdseg.model.unet: one U-Net for 2D and 3D, and the model.pt contract (weights_only loading)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msdseg.errors import ModelError
-from msdseg.model import FORMAT, UNet, load_model, save_model
+from msdseg.model.unet import FORMAT, UNet, load_model, save_model
 
 torch.set_num_threads(1)
 
@@ -108,7 +108,7 @@ def _saved(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("spatial_dims, shape", [(3, (2, 1, 20, 23, 17)), (2, (2, 1, 20, 23, 3))])
 def test_deep_supervision_outputs_in_training_only(spatial_dims: int, shape: tuple[int, ...]) -> None:
-    from msdseg.train import segmentation_loss
+    from msdseg.train.loss import segmentation_loss
 
     model = UNet(spatial_dims, 1, 3, base_channels=4, depth=3, deep_supervision=True)
     outputs = model(torch.randn(*shape))

@@ -14,22 +14,16 @@ import torch
 from helpers import plan, tiny_config, training_rows
 from msdseg.config import ConfigError, layered_config
 from msdseg.decathlon import NNUNET_PLANS, TASKS
-from msdseg.model import load_model
-from msdseg.planner import (
-    TARGET_ITERATIONS,
-    DeviceSpec,
-    Network,
-    PlanError,
-    apply_plan,
-    context_floor,
-    network_for,
-    plan_training,
-    published_fingerprint,
-    settle_budget,
-)
+from msdseg.errors import PlanError
+from msdseg.model.unet import load_model
+from msdseg.plan.budget import TARGET_ITERATIONS, settle_budget
+from msdseg.plan.fingerprint import DeviceSpec, published_fingerprint
+from msdseg.plan.network import Network, context_floor, network_for
+from msdseg.plan.record import apply_plan
+from msdseg.plan.training import plan_training
 from msdseg.train import loop as train_loop
-from msdseg.train import train
 from msdseg.train.probe import Pace, pipeline_pace
+from msdseg.train.trainer import train
 
 GPU_24GB = DeviceSpec("cuda", threads=8, memory_gb=24.0, name="24 GB")
 

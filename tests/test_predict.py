@@ -14,13 +14,13 @@ import torchio as tio
 
 from helpers import HIPPOCAMPUS_LABELS as HIPPO_LABELS
 from helpers import plan, predicted_volumes
-from msdseg import inference
-from msdseg.data import preprocessing
+from msdseg.data.normalize import preprocessing
+from msdseg.data.resample import resample_subject
 from msdseg.decathlon import label_json
 from msdseg.errors import ConfigError, ModelError
-from msdseg.model import UNet, load_model, save_model
-from msdseg.predict import _attempts, grid_settings, predict_subject, tta_axes
-from msdseg.resample import resample_subject
+from msdseg.infer.predict import _attempts, grid_settings, predict_subject, tta_axes
+from msdseg.model import sliding_window
+from msdseg.model.unet import UNet, load_model, save_model
 
 torch.set_num_threads(1)
 
@@ -137,7 +137,7 @@ def test_fold_ensemble_is_argmax_of_mean_probabilities(hippo, models, tmp_path):
 
     subject = tio.Subject(image=tio.ScalarImage(image))
     tensor = preprocessing(_plan("x", HIPPO_LABELS, None))(subject)["image"].data.float()
-    mean = sum(inference.predict_probabilities(load_model(models[k])[0], tensor, [16, 16, 16], [8, 8, 8], 2, "cpu",
+    mean = sum(sliding_window.predict_probabilities(load_model(models[k])[0], tensor, [16, 16, 16], [8, 8, 8], 2, "cpu",
                                                overlap_mode="average") for k in ("3d", "3d_b")) / 2
     expected = mean.argmax(0).numpy()
     assert (data == expected).mean() > 0.999  # linear resampling onto the same grid is (near) identity
@@ -171,7 +171,7 @@ def test_out_of_memory_retries_with_half_batch(hippo, models, resampled, tmp_pat
 
     monkeypatch.setattr(UNet, "forward", flaky_forward)
     out = tmp_path / "hippocampus_001.nii.gz"
-    with caplog.at_level(logging.WARNING, logger="msdseg.predict"):
+    with caplog.at_level(logging.WARNING, logger="msdseg.infer.predict"):
         predict_subject([models["3d"]], resampled, hippo / "imagesTr" / "hippocampus_001.nii.gz", out, INFER)
     assert "out of GPU memory" in caplog.text and "batch size 1" in caplog.text
     assert out.exists()

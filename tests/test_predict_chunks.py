@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from helpers import HIPPOCAMPUS_LABELS, plan
-from msdseg.chunks import parse_work
+from msdseg.data.resample import resample_subject
 from msdseg.decathlon import label_json
 from msdseg.errors import ModelError, SubjectError
-from msdseg.model import UNet, save_model
-from msdseg.predict import Item, predict_cases, predict_chunk, predict_subject
-from msdseg.resample import resample_chunk, resample_subject
+from msdseg.infer.predict import predict_subject
+from msdseg.jobs.infer_jobs import Item, predict_cases, predict_chunk
+from msdseg.jobs.resample_jobs import resample_chunk
+from msdseg.jobs.worklog import parse_work
+from msdseg.model.unet import UNet, save_model
 
 torch.set_num_threads(1)
 

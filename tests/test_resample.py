@@ -1,4 +1,4 @@
-"""msdseg.resample on real CT (Task90_LiverCT, 3 mm) and MRI (Task04_Hippocampus)."""
+"""msdseg.data.resample on real CT (Task90_LiverCT, 3 mm) and MRI (Task04_Hippocampus)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,19 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import resample_label_to_reference, resample_to_reference
-from msdseg import io
+from msdseg import images
+from msdseg.data.manifest import build_manifest
+from msdseg.data.resample import channels_on_reference, resample_subject, target_geometry
 from msdseg.decathlon import DatasetInfo, read_dataset_json
-from msdseg.manifest import build_manifest
 from msdseg.metrics import dice
-from msdseg.plan import PLAN_KEYS, make_plan, read_plan, write_plan
-from msdseg.resample import channels_on_reference, resample_subject, target_geometry
+from msdseg.plan.preprocessing import PLAN_KEYS, make_plan, read_plan, write_plan
 
 LIVER_TASK = "Task90_LiverCT"
 
 
 @pytest.fixture(scope="module")
 def liver_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from msdseg.archive import safe_extract
+    from msdseg.data.archive import safe_extract
 
     archive = shared_data / f"{LIVER_TASK}.tar"
     if not archive.is_file():
@@ -48,7 +48,7 @@ def liver(liver_dir: Path) -> tuple[DatasetInfo, pd.DataFrame]:
     return dataset, manifest[manifest.subject != twin.subject].reset_index(drop=True)
 
 
-def _box_corners(grid: io.Geometry) -> np.ndarray:
+def _box_corners(grid: images.Geometry) -> np.ndarray:
     """Physical (mm) corners of the box the voxels cover: voxel centres +- spacing / 2."""
     direction = np.array(grid.direction).reshape(3, 3)
     corners = []
@@ -85,12 +85,12 @@ def resampled_liver(request: pytest.FixtureRequest, liver, tmp_path_factory) -> 
 
 def test_resampled_liver_keeps_physical_geometry_labels_and_volume(resampled_liver: dict[str, Any]) -> None:
     subject = resampled_liver["subject"]
-    original, original_label = io.read_image(subject.image), io.read_image(subject.label)
-    image, label = io.read_image(resampled_liver["image"]), io.read_image(resampled_liver["label"])
-    old, new = io.spatial_geometry(original), io.spatial_geometry(image)
+    original, original_label = images.read_image(subject.image), images.read_image(subject.label)
+    image, label = images.read_image(resampled_liver["image"]), images.read_image(resampled_liver["label"])
+    old, new = images.spatial_geometry(original), images.spatial_geometry(image)
 
     assert new.size == EXPECTED_SIZE[resampled_liver["name"]]
-    assert new == io.spatial_geometry(label) == target_geometry(old, resampled_liver["plan"])
+    assert new == images.spatial_geometry(label) == target_geometry(old, resampled_liver["plan"])
     assert new.direction == old.direction
     if resampled_liver["name"] == "inplane_256":
         assert new.spacing[2] == old.spacing[2] == 3.0
@@ -101,28 +101,28 @@ def test_resampled_liver_keeps_physical_geometry_labels_and_volume(resampled_liv
     assert (offsets <= np.array(new.spacing) / 2 + 1e-6).all(), offsets.max(axis=0)
 
     assert image.GetPixelID() == sitk.sitkFloat32 and label.GetPixelID() == sitk.sitkUInt8
-    labels_new, labels_old = io.to_xyz(label), io.to_xyz(original_label)
+    labels_new, labels_old = images.to_xyz(label), images.to_xyz(original_label)
     assert set(np.unique(labels_new).tolist()) == {0, 1}
     volume_old = np.count_nonzero(labels_old == 1) * np.prod(old.spacing) / 1000
     volume_new = np.count_nonzero(labels_new == 1) * np.prod(new.spacing) / 1000
     assert volume_new == pytest.approx(volume_old, rel=0.02)
     assert volume_old > 500  # a liver, in mL
 
-    values = io.to_xyz(image)
+    values = images.to_xyz(image)
     clip = resampled_liver["plan"]["clip"]
     if clip is not None:
         assert clip[0] <= values.min() and values.max() <= clip[1]
     # liver intensity survives (a liver is ~40-60 HU)
-    original_values = io.to_xyz(original).astype(np.float64)
+    original_values = images.to_xyz(original).astype(np.float64)
     assert values[labels_new == 1].mean() == pytest.approx(original_values[labels_old == 1].mean(), abs=5)
 
 
 def test_round_trip_to_the_original_grid(resampled_liver: dict[str, Any], tmp_path: Path) -> None:
     subject = resampled_liver["subject"]
-    original = io.read_image(subject.image)
-    original_label = io.to_xyz(io.read_image(subject.label))
-    source = io.read_image(resampled_liver["image"])
-    resampled_label = io.to_xyz(io.read_image(resampled_liver["label"]))
+    original = images.read_image(subject.image)
+    original_label = images.to_xyz(images.read_image(subject.label))
+    source = images.read_image(resampled_liver["image"])
+    resampled_label = images.to_xyz(images.read_image(resampled_liver["label"]))
 
     one_hot = np.stack([(resampled_label == k).astype(np.float32) for k in range(3)])
     back = resample_to_reference(one_hot, source, original)
@@ -132,7 +132,7 @@ def test_round_trip_to_the_original_grid(resampled_liver: dict[str, Any], tmp_pa
     assert dice(prediction, original_label, 1) > 0.95
     # header readers give the grids as well as images (what inference passes)
     from_headers = resample_to_reference(
-        one_hot, io.read_image_header(resampled_liver["image"]), io.read_image_header(subject.image)
+        one_hot, images.read_image_header(resampled_liver["image"]), images.read_image_header(subject.image)
     )
     np.testing.assert_array_equal(from_headers, back)
 
@@ -141,7 +141,7 @@ def test_round_trip_to_the_original_grid(resampled_liver: dict[str, Any], tmp_pa
     assert dice(nearest, original_label, 1) > 0.95
 
     # written on the reference, the prediction has exactly the original shape and affine
-    io.write_image(io.image_from_xyz(prediction, original), tmp_path / "prediction.nii.gz")
+    images.write_image(images.image_from_xyz(prediction, original), tmp_path / "prediction.nii.gz")
     written, reference = nib.load(str(tmp_path / "prediction.nii.gz")), nib.load(str(subject.image))
     assert written.shape == reference.shape
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
@@ -149,10 +149,10 @@ def test_round_trip_to_the_original_grid(resampled_liver: dict[str, Any], tmp_pa
 
 def test_channels_on_the_same_grid_pass_through_uncopied(resampled_liver: dict[str, Any]) -> None:
     """No resampling happened (the grids agree): the channels are the input's own memory."""
-    from msdseg.predict import labels_in_reference_geometry
+    from msdseg.infer.predict import labels_in_reference_geometry
 
-    source = io.read_image_header(resampled_liver["image"])
-    size = io.spatial_geometry(source).size
+    source = images.read_image_header(resampled_liver["image"])
+    size = images.spatial_geometry(source).size
     probabilities = np.random.default_rng(0).random((3, *size), dtype=np.float32)
     channels = [np.shares_memory(channel, probabilities)
                 for channel in channels_on_reference(probabilities, source, source)]
@@ -163,15 +163,15 @@ def test_channels_on_the_same_grid_pass_through_uncopied(resampled_liver: dict[s
 
 def test_untransposed_resampling_source_matches_the_plain_image() -> None:
     """The copy-saving source image (axes reversed with their geometry) resamples identically."""
-    from msdseg.resample import _resample, _resampling_source
+    from msdseg.data.resample import _resample, _resampling_source
 
     angle = np.deg2rad(20)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, -1.0]])
-    source = io.Geometry((17, 12, 9), (0.8, 1.1, 2.5), (-30.0, 12.5, 7.0), tuple(rotation.ravel()))
-    reference = io.Geometry((23, 15, 20), (0.6, 0.9, 1.0), (-29.0, 13.0, -12.0), tuple(np.eye(3).ravel()))
+    source = images.Geometry((17, 12, 9), (0.8, 1.1, 2.5), (-30.0, 12.5, 7.0), tuple(rotation.ravel()))
+    reference = images.Geometry((23, 15, 20), (0.6, 0.9, 1.0), (-29.0, 13.0, -12.0), tuple(np.eye(3).ravel()))
     array = np.random.default_rng(0).random(source.size, dtype=np.float32)
-    plain = io.to_xyz(_resample(io.image_on_grid(array, source), reference, sitk.sitkLinear, sitk.sitkFloat32))
-    lean = io.to_xyz(_resample(_resampling_source(array, source), reference, sitk.sitkLinear, sitk.sitkFloat32))
+    plain = images.to_xyz(_resample(images.image_on_grid(array, source), reference, sitk.sitkLinear, sitk.sitkFloat32))
+    lean = images.to_xyz(_resample(_resampling_source(array, source), reference, sitk.sitkLinear, sitk.sitkFloat32))
     assert plain.std() > 0.1  # the reference grid overlaps the source: real values, not padding
     np.testing.assert_allclose(lean, plain, atol=1e-5)
 
@@ -187,12 +187,12 @@ def test_four_dimensional_image_is_resampled_per_channel(liver, tmp_path: Path) 
     plan = _liver_plan(liver, spacing=[6.0, 6.0, 6.0])
     resample_subject(tmp_path / "two.nii.gz", tmp_path / "out.nii.gz", plan, subject.label, tmp_path / "label.nii.gz")
 
-    out = io.read_image(tmp_path / "out.nii.gz")
-    expected = target_geometry(io.spatial_geometry(io.read_image(subject.image)), plan)
+    out = images.read_image(tmp_path / "out.nii.gz")
+    expected = target_geometry(images.spatial_geometry(images.read_image(subject.image)), plan)
     assert out.GetDimension() == 4 and tuple(out.GetSize()) == (*expected.size, 2)
-    assert io.spatial_geometry(out) == io.spatial_geometry(io.read_image(tmp_path / "label.nii.gz"))
-    np.testing.assert_allclose(io.spatial_geometry(out).origin, expected.origin, atol=1e-4)
-    assert io.spatial_geometry(out).direction == expected.direction
+    assert images.spatial_geometry(out) == images.spatial_geometry(images.read_image(tmp_path / "label.nii.gz"))
+    np.testing.assert_allclose(images.spatial_geometry(out).origin, expected.origin, atol=1e-4)
+    assert images.spatial_geometry(out).direction == expected.direction
     tensor = tio.ScalarImage(tmp_path / "out.nii.gz").data
     assert tuple(tensor.shape) == (2, *expected.size)
     np.testing.assert_allclose(tensor[1].numpy(), 2 * tensor[0].numpy(), rtol=1e-5, atol=1e-3)
@@ -230,7 +230,7 @@ def test_median_spacing_plan_on_hippocampus(hippocampus_dir: Path, tmp_path: Pat
 
     spacings = []
     for subject in dataset.training:
-        spacings.append(io.spatial_geometry(io.read_image_header(subject.image)).spacing)
+        spacings.append(images.spatial_geometry(images.read_image_header(subject.image)).spacing)
     assert plan["target_spacing"] == np.median(np.array(spacings), axis=0).tolist() == [1.0, 1.0, 1.0]
     assert plan["normalization"] == "zscore" and plan["modality"] == {"0": "MRI"}
     assert plan["ct_window"] is plan["ct_mean"] is plan["ct_std"] is plan["clip"] is None
@@ -251,8 +251,9 @@ def test_median_spacing_plan_on_hippocampus(hippocampus_dir: Path, tmp_path: Pat
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     subject = dataset.training[0]
     resample_subject(subject.image, tmp_path / "i.nii.gz", plan, subject.label, tmp_path / "l.nii.gz")
-    original = io.read_image(subject.image)
-    assert io.spatial_geometry(io.read_image(tmp_path / "i.nii.gz")) == io.spatial_geometry(original)
-    np.testing.assert_allclose(io.to_xyz(io.read_image(tmp_path / "i.nii.gz")), io.to_xyz(original), atol=1e-4)
-    np.testing.assert_array_equal(io.to_xyz(io.read_image(tmp_path / "l.nii.gz")),
-                                  io.to_xyz(io.read_image(subject.label)))
+    original = images.read_image(subject.image)
+    assert images.spatial_geometry(images.read_image(tmp_path / "i.nii.gz")) == images.spatial_geometry(original)
+    written = images.to_xyz(images.read_image(tmp_path / "i.nii.gz"))
+    np.testing.assert_allclose(written, images.to_xyz(original), atol=1e-4)
+    np.testing.assert_array_equal(images.to_xyz(images.read_image(tmp_path / "l.nii.gz")),
+                                  images.to_xyz(images.read_image(subject.label)))

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from msdseg.data.synthetic import make_synthetic_task
 from msdseg.decathlon import SYNTHETIC_TASK, read_dataset_json
-from msdseg.synthetic import make_synthetic_task
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:

@@ -20,11 +20,15 @@ import torch
 import torchio as tio
 
 from helpers import HIPPOCAMPUS_LABELS, plan, tiny_config, training_rows
-from msdseg.data import SafeLabelSampler, preprocessing, subjects_from_paths, training_transform
+from msdseg.data.normalize import preprocessing
+from msdseg.data.subjects import subjects_from_paths
 from msdseg.errors import SubjectError
-from msdseg.inference import predict_probabilities
-from msdseg.model import load_model
-from msdseg.train import CHECKPOINT, train
+from msdseg.model.sliding_window import predict_probabilities
+from msdseg.model.unet import load_model
+from msdseg.train.augmentation import training_transform
+from msdseg.train.queue import SafeLabelSampler
+from msdseg.train.state import CHECKPOINT
+from msdseg.train.trainer import train
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +166,7 @@ def test_resume_after_sigkill_continues_the_iteration_count(rows: list[dict[str,
         torch.set_num_threads(1)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_train import PLAN, _config
-        from msdseg.train import train
+        from msdseg.train.trainer import train
         rows = json.loads({json.dumps(json.dumps(rows))})
         config = _config(**json.loads(sys.argv[1]))
         train(rows[:6], rows[6:], PLAN, config, Path({str(out)!r}), fold=0)

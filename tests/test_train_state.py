@@ -10,9 +10,10 @@ import torch
 
 from helpers import plan, tiny_config, training_rows
 from msdseg.errors import MsdsegError
-from msdseg.train import CHECKPOINT, train
 from msdseg.train import loop as train_loop
 from msdseg.train import state as train_state
+from msdseg.train.state import CHECKPOINT
+from msdseg.train.trainer import train
 
 
 class FakeScaler:

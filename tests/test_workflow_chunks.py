@@ -34,8 +34,8 @@ def _config(source: Path, jobs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    from msdseg.archive import safe_extract
-    from msdseg.synthetic import make_synthetic_task
+    from msdseg.data.archive import safe_extract
+    from msdseg.data.synthetic import make_synthetic_task
 
     folder = tmp_path_factory.mktemp("source")
     make_synthetic_task(folder / "task.tar", n_train=6, n_test=2, seed=0)

@@ -17,13 +17,15 @@ import torchio as tio
 from torch import nn
 from tqdm import tqdm
 
-from msdseg.data import IMAGE, LABEL, make_loader, make_queue, mirror_axes, subjects_from_paths
+from msdseg.data.subjects import IMAGE, LABEL, subjects_from_paths
 from msdseg.devices import default_device, is_out_of_memory, precision_name, resolve_precision
 from msdseg.errors import ConfigError, MsdsegError
-from msdseg.io import atomic_path
+from msdseg.files import atomic_path
 from msdseg.logs import say
-from msdseg.model import UNet, save_model
+from msdseg.model.unet import UNet, save_model
+from msdseg.train.augmentation import mirror_axes
 from msdseg.train.loss import segmentation_loss
+from msdseg.train.queue import make_loader, make_queue
 from msdseg.train.ranks import Diagnostics, Ranks
 from msdseg.train.schedule import Schedule, make_optimizer, progress
 from msdseg.train.state import (

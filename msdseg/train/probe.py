@@ -1,26 +1,35 @@
-"""The training pipeline's real pace: a few steps of the planned network fed by the patch queue.
+"""Measurements on the device the job runs on, and the iteration count settled from them.
 
-A step timed on random tensors misses what the data costs: loading and augmenting volumes in the
-queue's workers, which on a CPU share the cores with the step (Task90 CT on 2 cores: 0.35 s probed,
-1.3 s in training). Iterations planned from that step overrun the budget, and a run that stops
-early never finishes its learning-rate schedule. So the budget is settled from the real thing.
+A bare training step on random tensors (:func:`probe_step_seconds`, the planner's probe) misses
+the data path; :func:`pipeline_pace` trains a throw-away copy for a few queue cycles. Both the
+plan_training job and a train job of a plan made elsewhere settle the plan through one
+function, :func:`settle_iterations`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from msdseg.train import train
+if TYPE_CHECKING:
+    import torch
+
+from msdseg.devices import default_device
+from msdseg.plan.budget import planned_network, settle_budget
+from msdseg.plan.fingerprint import Fingerprint
+from msdseg.plan.network import Network
+from msdseg.plan.record import StepProbe, apply_plan
 from msdseg.train.state import LOG
+from msdseg.train.trainer import train
 
 MAX_PROBE_STEPS = 48  # bounds the probe's time on a slow device
 PROBE_SUBJECTS = 16  # enough volumes to cycle the queue a few times
@@ -63,3 +72,59 @@ def pipeline_pace(train_rows: Sequence[Mapping[str, Any]], plan: Mapping[str, An
     # the mean, not the fastest cycle: where the data bound the step, a cycle the worker had filled
     # ahead reads fast (Task04, 16x24x16: 0.098 s from the fastest cycle, 0.17 s in training)
     return Pace(float(steady.mean()), max(0.0, total_s - float(steps.sum())), int(len(steady)))
+
+
+def probe_step_seconds(network: Network, batch: int, n_channels: int, n_classes: int, device: torch.device,
+                       precision: str = "fp32", steps: int = 4, warmup: int = 2) -> float:
+    """Median seconds of a real training step (forward, loss, backward, AdamW) on random data."""
+    import torch  # the planner's table needs no torch; a probe does
+
+    from msdseg.model.sliding_window import autocast_dtype
+    from msdseg.model.unet import UNet
+    from msdseg.train.loss import segmentation_loss
+
+    model = UNet(network.spatial_dims, n_channels, n_classes, network.base_channels, network.depth,
+                 strides=[list(s) for s in network.strides]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dtype = autocast_dtype(precision, device)
+    x = torch.randn(batch, n_channels, *network.patch, device=device)
+    y = torch.randint(0, n_classes, (batch, *network.patch), device=device)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        loss = segmentation_loss(logits, y, "ce+dice")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        float(loss.item())
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def torch_probe(fingerprint: Fingerprint, device: torch.device, precision: str) -> StepProbe:
+    """A probe for :func:`plan_training`: real training steps of a network on ``device``."""
+    def probe(network: Network, batch: int) -> float:
+        return probe_step_seconds(network, batch, fingerprint.n_channels, len(fingerprint.labels), device, precision)
+    return probe
+
+
+def settle_iterations(training_plan: Mapping[str, Any], train_rows: Sequence[Mapping[str, Any]],
+                      plan: Mapping[str, Any], config: Mapping[str, Any], threads: int, n_folds: int,
+                      device: str | None = None, probe_step: bool = False) -> dict[str, Any]:
+    """``training_plan`` with its iterations and cadence settled from the whole pipeline's pace here.
+
+    ``config`` holds the seed, model and train sections the job trains with (the plan's values
+    are applied to it). ``probe_step``: the plan was made for another machine (a cluster's login
+    node), so its step is measured here first. One function for the plan_training and train jobs.
+    """
+    if probe_step:
+        settings, fp = training_plan["settings"], training_plan["fingerprint"]
+        seconds = probe_step_seconds(planned_network(training_plan), int(settings["train.batch_size"]["value"]),
+                                     int(fp["n_channels"]), len(fp["labels"]), default_device(),
+                                     str(settings["train.precision"]["value"]))
+        training_plan = settle_budget(training_plan, seconds, n_folds)
+    pace = pipeline_pace(train_rows, plan, apply_plan(config, training_plan), threads, device)
+    return settle_budget(training_plan, None, n_folds, pace)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from msdseg.io import atomic_path
+from msdseg.files import atomic_path
 from msdseg.train.state import seed_everything
 
 # Diagnostics of DDP runs (tests): when set (not "0"), each rank writes DDP_DIAGNOSTICS.format(rank=r)

@@ -20,15 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from msdseg.io import atomic_path
+from msdseg.config import identity_settings
+from msdseg.files import atomic_path
 from msdseg.logs import say
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 LOG = "training_log.csv"
-# train.* keys that do not change what is learned: a checkpoint survives changes to them
-_NOT_HASHED = {"max_minutes", "threads", "mem_mb", "gpus", "folds", "checkpoint_every",
-               "validate_every", "num_workers", "devices"}
 
 
 def config_hash(config: Mapping[str, Any], plan: Mapping[str, Any], fold: int,
@@ -38,7 +36,7 @@ def config_hash(config: Mapping[str, Any], plan: Mapping[str, Any], fold: int,
     ``resolved``: what the settings became on this machine (device type, precision dtype), so a
     run moved from a bf16 GPU to an fp16 one does not continue another run's optimiser state.
     """
-    train_cfg = {k: v for k, v in config["train"].items() if k not in _NOT_HASHED}
+    train_cfg = identity_settings(config["train"])
     identity = {"model": config["model"], "train": train_cfg, "seed": config["seed"], "plan": plan,
                 "fold": fold, "train_subjects": list(train_ids), "val_subjects": list(val_ids),
                 **({"resolved": dict(resolved)} if resolved else {})}

@@ -11,10 +11,12 @@ import torch
 import torchio as tio
 from torch import nn
 
-from msdseg.data import IMAGE, LABEL, preprocessing
+from msdseg.data.normalize import preprocessing
+from msdseg.data.subjects import IMAGE, LABEL
 from msdseg.decathlon import foreground_labels
-from msdseg.inference import default_overlap, predict_probabilities
+from msdseg.grid import default_overlap
 from msdseg.metrics import dice_per_label
+from msdseg.model.sliding_window import predict_probabilities
 
 
 def label_names(plan: Mapping[str, Any]) -> dict[int, str]:

@@ -1,5 +1,6 @@
 """Paths, the archive source and input functions shared by every stage."""
 
+import functools
 import json
 import os
 import shlex
@@ -9,10 +10,13 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
-from msdseg import chunks
+from msdseg.config import PLANNED_KEYS, pace_settings, train_job_settings
 from msdseg.decathlon import SYNTHETIC_TASK, TASKS
-from msdseg.devices import local_gpu_count
-from msdseg.config import PLANNED_KEYS
+from msdseg.infer import cases as input_cases
+from msdseg.jobs import chunking, costs
+from msdseg.jobs.cohort import cached_cohort
+from msdseg.jobs.cohort import resampled_image as cohort_resampled_image
+from msdseg.jobs.gpu_slots import local_gpu_count
 
 TASK = config["task"]
 RESULTS = Path(config["results"]) / TASK
@@ -31,7 +35,7 @@ LOCAL_GPU = 1 if SUBMITS or MACHINE_GPUS else 0
 
 
 def chosen_planned_keys():
-    """The planned keys (msdseg.planner.PLANNED_KEYS) the user or the task's preset set: the planner keeps them."""
+    """The planned keys (msdseg.plan.training.PLANNED_KEYS) the user or the task's preset set: the planner keeps them."""
     return {key: value for key, value in CHOSEN.items() if key in PLANNED_KEYS}
 
 
@@ -96,18 +100,18 @@ def archive_path():
     return result(f"download/{TASK}.tar")
 
 
+def manifest_csv():
+    """manifest.csv, once the manifest checkpoint has run (Snakemake re-evaluates the DAG after it)."""
+    return checkpoints.manifest.get().output.manifest
+
+
 def cohort():
-    """The manifest's subjects (msdseg.chunks.Cohort), once the checkpoint has run (re-evaluates the DAG after it).
+    """The manifest's subjects (msdseg.jobs.cohort.Cohort): the one accessor every input function reads.
 
-    Parsed once per version of manifest.csv (path, mtime, size) and looked up in dicts: input
-    functions run once per job, and parsing the table in each made the DAG quadratic in subjects.
+    msdseg.jobs.cohort.cached_cohort parses each version of manifest.csv (path, mtime, size) once:
+    input functions run once per job, and parsing the table in each made the DAG quadratic.
     """
-    if not _MANIFEST:  # checkpoints.get() raises until the checkpoint is done, then always answers the same
-        _MANIFEST.append(checkpoints.manifest.get().output.manifest)
-    return chunks.cached_cohort(_MANIFEST[0])
-
-
-_MANIFEST = []
+    return cached_cohort(manifest_csv())
 
 
 def subjects(role):
@@ -116,10 +120,6 @@ def subjects(role):
 
 def fold_subjects(fold):
     return [s.subject for s in cohort().validation(fold)]
-
-
-def original_image(wildcards):
-    return cohort().by_id[wildcards.subject].image
 
 
 def original_label(subject):
@@ -145,34 +145,34 @@ INFER_SETTINGS_JSON = json.dumps(INFER_SETTINGS, sort_keys=True)
 
 
 def resample_chunks(role):
-    """msdseg.chunks.Chunks of the subjects of ``role`` ("train": image and label, "test": image)."""
+    """msdseg.jobs.chunking.Chunks of the subjects of ``role`` ("train": image and label, "test": image)."""
 
     def make():
         members = cohort().role(role)
-        costs = [chunks.resample_seconds(s, config["preprocess"], with_label=role == "train") for s in members]
-        size = chunks.chunk_size(
-            config["resample"]["subjects_per_job"], costs, chunks.target_seconds(chunks.RESAMPLE_STARTUP_S)
+        seconds = [costs.resample_seconds(s, config["preprocess"], with_label=role == "train") for s in members]
+        size = chunking.chunk_size(
+            config["resample"]["subjects_per_job"], seconds, costs.target_seconds(costs.RESAMPLE_STARTUP_S)
         )
-        return chunks.Chunks.build([s.subject for s in members], size), costs
+        return chunking.Chunks.build([s.subject for s in members], size), seconds
 
     return cohort().derived(("resample", role), make)
 
 
 def _infer_cost(subject, n_models):
-    return chunks.infer_seconds(subject.shape, subject.spacing, config, n_models)
+    return costs.infer_seconds(subject.shape, subject.spacing, config, n_models)
 
 
 def infer_chunks(fold=None):
     """Chunks of fold ``fold``'s validation subjects (and of the test list where TEST_WITH_FOLD is it); None: the test list."""
 
     def make():
-        members = chunks.infer_members(cohort(), fold if fold is None else int(fold), _with_test(fold))
+        members = chunking.infer_members(cohort(), fold if fold is None else int(fold), _with_test(fold))
         n_models = len(ENSEMBLE_FOLDS) if fold is None else 1
-        costs = [_infer_cost(s, n_models) for s in members]
-        size = chunks.chunk_size(
-            config["infer"]["subjects_per_job"], costs, chunks.target_seconds(chunks.INFER_STARTUP_S)
+        seconds = [_infer_cost(s, n_models) for s in members]
+        size = chunking.chunk_size(
+            config["infer"]["subjects_per_job"], seconds, costs.target_seconds(costs.INFER_STARTUP_S)
         )
-        return chunks.Chunks.build([s.subject for s in members], size), costs
+        return chunking.Chunks.build([s.subject for s in members], size), seconds
 
     return cohort().derived(("infer", None if fold is None else int(fold)), make)
 
@@ -186,8 +186,8 @@ def chunk_runtime(plan_of):
     """A `runtime` resource (minutes) from a chunk's estimated work: 3x the estimate, at least 10."""
 
     def runtime(wildcards):
-        built, costs = plan_of(wildcards)
-        return chunks.runtime_minutes(sum(costs[built.span(wildcards.chunk)]))
+        built, seconds = plan_of(wildcards)
+        return costs.runtime_minutes(sum(seconds[built.span(wildcards.chunk)]))
 
     return runtime
 
@@ -231,7 +231,7 @@ def resample_job_args(role, chunk):
     """Which chunk a resampling job does, as command-line options: it reads its subjects from manifest.csv."""
     built = resample_chunks(role)[0]
     members = built[chunk]
-    options = {"--manifest": _MANIFEST[0], "--role": role, "--size": built.size, "--chunk": chunk}
+    options = {"--manifest": manifest_csv(), "--role": role, "--size": built.size, "--chunk": chunk}
     options.update({"--first": members[0], "--count": len(members)})
     return _options(options)
 
@@ -239,12 +239,12 @@ def resample_job_args(role, chunk):
 def infer_job_args(fold, chunk):
     """Which chunk an inference job does (``fold``, or None: the test list), as command-line options.
 
-    The job reads its subjects from manifest.csv (msdseg.chunks.infer_chunk) and refuses a chunk
+    The job reads its subjects from manifest.csv (msdseg.jobs.chunking.infer_chunk) and refuses a chunk
     that is not ``--count`` subjects from ``--first``, as the DAG planned it here.
     """
     built = infer_chunks(fold)[0]
     members = built[chunk]
-    options = {"--manifest": _MANIFEST[0], "--fold": "test" if fold is None else int(fold)}
+    options = {"--manifest": manifest_csv(), "--fold": "test" if fold is None else int(fold)}
     options.update({"--size": built.size, "--chunk": chunk, "--first": members[0], "--count": len(members)})
     options["--resampled"] = result("resampled")
     return _options(options) + (" --with-test" if _with_test(fold) else "")
@@ -263,7 +263,7 @@ def test_prediction_chunk_folder(subject):
 
 def resampled_image(subject):
     """The resampled image of any subject of the manifest (imagesTr or imagesTs by its role)."""
-    return chunks.resampled_image(result("resampled"), cohort().by_id[subject])
+    return cohort_resampled_image(result("resampled"), cohort().by_id[subject])
 
 
 def training_inputs(wildcards):
@@ -290,35 +290,30 @@ def fold_references(wildcards):
 PREDICT = config["predict"]
 FOLDER_OUT = str(PREDICT["output"] or result("predict_folder"))
 FOLDER_MODELS = list(PREDICT["models"] or expand(result("fold{fold}/model.pt"), fold=ENSEMBLE_FOLDS))
-_FOLDER = {}
 
 
+@functools.cache
 def folder_cases():
-    """The cases of predict.input (msdseg.chunks.Case), read once per run."""
-    if "cases" not in _FOLDER:
-        if not PREDICT["input"]:
-            raise WorkflowError(
-                "predict_folder needs images: --config predict='{input: /path/to/images, output: /path/to/out}' "
-                "(a folder of .nii.gz files, or a list of them)"
-            )
-        files = chunks.list_images(PREDICT["input"])
-        _FOLDER["cases"] = chunks.group_cases(files, PREDICT["layout"])
-    return _FOLDER["cases"]
-
-
-def folder_costs():
-    if "costs" not in _FOLDER:
-        _FOLDER["costs"] = [chunks.case_seconds(case, config, len(FOLDER_MODELS)) for case in folder_cases()]
-    return _FOLDER["costs"]
-
-
-def folder_chunks():
-    if "chunks" not in _FOLDER:
-        size = chunks.chunk_size(
-            config["infer"]["subjects_per_job"], folder_costs(), chunks.target_seconds(chunks.INFER_STARTUP_S)
+    """The cases of predict.input (msdseg.infer.cases.Case), listed once per run."""
+    if not PREDICT["input"]:
+        raise WorkflowError(
+            "predict_folder needs images: --config predict='{input: /path/to/images, output: /path/to/out}' "
+            "(a folder of .nii.gz files, or a list of them)"
         )
-        _FOLDER["chunks"] = chunks.Chunks.build([case.case for case in folder_cases()], size)
-    return _FOLDER["chunks"]
+    return input_cases.group_cases(input_cases.list_images(PREDICT["input"]), PREDICT["layout"])
+
+
+@functools.cache
+def folder_costs():
+    return [costs.case_seconds(case, config, len(FOLDER_MODELS)) for case in folder_cases()]
+
+
+@functools.cache
+def folder_chunks():
+    size = chunking.chunk_size(
+        config["infer"]["subjects_per_job"], folder_costs(), costs.target_seconds(costs.INFER_STARTUP_S)
+    )
+    return chunking.Chunks.build([case.case for case in folder_cases()], size)
 
 
 def folder_chunk(chunk):

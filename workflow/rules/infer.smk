@@ -118,7 +118,7 @@ rule infer_folder:
     threads: config["infer"]["threads"]
     resources:
         mem_mb=config["infer"]["mem_mb"],
-        runtime=lambda wildcards: chunks.runtime_minutes(sum(folder_costs()[folder_chunks().span(wildcards.chunk)])),
+        runtime=lambda wildcards: costs.runtime_minutes(sum(folder_costs()[folder_chunks().span(wildcards.chunk)])),
         gpu=config["infer"]["gpus"] or LOCAL_GPU,
     params:
         infer=INFER_SETTINGS,

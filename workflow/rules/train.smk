@@ -1,20 +1,5 @@
 """Stage 3: patch-queue training, one job per fold (folds run in parallel on a cluster)."""
 
-# which folds run and what each job asks the scheduler for: never a reason to retrain a fold
-NOT_TRAINING = {"folds", "threads", "mem_mb", "gpus"}
-
-
-def train_settings():
-    """The train section as the train job reads it: adding a fold or a thread retrains nothing."""
-    return {k: v for k, v in config["train"].items() if k not in NOT_TRAINING}
-
-
-def pace_settings():
-    """The train keys a step's pace depends on: not the budget or the cadence either, so that
-    changing those keeps the measured plan (and the models trained from it)."""
-    cadence = {"iterations", "max_minutes", "validate_every", "validation_cases", "checkpoint_every"}
-    return {k: v for k, v in train_settings().items() if k not in cadence}
-
 
 rule plan_training:
     """Network, patch, batch and iterations from the fingerprint, the device and train.max_minutes (a probe
@@ -42,7 +27,7 @@ rule plan_training:
         plan=config["plan"],
         devices=config["train"]["devices"],
         model=config["model"],
-        train=pace_settings(),
+        train=pace_settings(config["train"]),
         seed=config["seed"],
     script:
         "../scripts/plan_training.py"
@@ -77,7 +62,7 @@ rule train:
         gpu=train_gpus(),
     params:
         model=config["model"],
-        train=train_settings(),
+        train=train_job_settings(config["train"]),
         seed=config["seed"],
         n_folds=config["manifest"]["n_folds"],
     script:

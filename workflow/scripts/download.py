@@ -4,7 +4,7 @@ import _bootstrap  # noqa: F401
 
 from pathlib import Path
 
-from msdseg.download import download
+from msdseg.data.download import download
 from msdseg.logs import job_log
 
 with job_log(snakemake.log[0]):

@@ -5,10 +5,10 @@ import _bootstrap  # noqa: F401
 from pathlib import Path
 
 from msdseg.decathlon import read_dataset_json
-from msdseg.evaluate import fold_metrics
-from msdseg.io import write_csv
+from msdseg.files import write_csv
 from msdseg.logs import job_log
 from msdseg.metrics import evaluate_subject
+from msdseg.report.tables import fold_metrics
 
 with job_log(snakemake.log[0]):
     labels = read_dataset_json(Path(snakemake.input.folder)).labels

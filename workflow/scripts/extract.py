@@ -4,8 +4,8 @@ import _bootstrap  # noqa: F401
 
 from pathlib import Path
 
-from msdseg.archive import safe_extract
-from msdseg.download import verify_checksum
+from msdseg.data.archive import safe_extract
+from msdseg.data.download import verify_checksum
 from msdseg.logs import job_log
 
 with job_log(snakemake.log[0]):

@@ -3,7 +3,7 @@
 Run by the rules' shell command, not Snakemake's ``script:`` directive: its preamble imports
 Snakemake into every job, 0.1-0.25 s of an inference job's start-up (torch and torchio are
 1.4 s more, which no job avoids). The job reads its subjects from manifest.csv as the DAG did
-(msdseg.chunks.infer_chunk), so the command line stays short for any chunk size.
+(msdseg.jobs.chunking.infer_chunk), so the command line stays short for any chunk size.
 
     python infer.py --manifest M --fold 0|test [--with-test] --size N --chunk 0000 --first S
         --count K --resampled RESAMPLED_FOLDER --models model.pt ... --out STAGING_FOLDER
@@ -15,10 +15,10 @@ import _bootstrap  # noqa: F401
 import argparse
 import json
 
-from msdseg.chunks import infer_chunk
-from msdseg.devices import gpu_slot
+from msdseg.jobs.chunking import infer_chunk
+from msdseg.jobs.gpu_slots import gpu_slot
+from msdseg.jobs.infer_jobs import predict_subjects
 from msdseg.logs import job_log
-from msdseg.predict import predict_subjects
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--manifest", required=True)

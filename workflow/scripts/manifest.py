@@ -5,9 +5,9 @@ import _bootstrap  # noqa: F401
 from pathlib import Path
 
 from msdseg.config import check_labels
+from msdseg.data.manifest import build_manifest, write_excluded, write_manifest
 from msdseg.decathlon import read_dataset_json
 from msdseg.logs import job_log
-from msdseg.manifest import build_manifest, write_excluded, write_manifest
 
 with job_log(snakemake.log[0]):
     settings = snakemake.params.manifest

@@ -4,10 +4,10 @@ import _bootstrap  # noqa: F401
 
 from pathlib import Path
 
+from msdseg.data.manifest import read_manifest
 from msdseg.decathlon import read_dataset_json
 from msdseg.logs import job_log
-from msdseg.manifest import read_manifest
-from msdseg.plan import make_plan, write_plan
+from msdseg.plan.preprocessing import make_plan, write_plan
 
 with job_log(snakemake.log[0]):
     plan = make_plan(

@@ -8,22 +8,17 @@ import logging
 import torch
 
 from msdseg.config import check_labels
+from msdseg.data.manifest import read_manifest
 from msdseg.decathlon import label_map, subject_id
-from msdseg.devices import cpu_has_native_bf16, gpu_slot
-from msdseg.io import write_text
+from msdseg.devices import cpu_has_native_bf16
+from msdseg.files import write_text
+from msdseg.jobs.gpu_slots import gpu_slot
 from msdseg.logs import job_log
-from msdseg.manifest import read_manifest
-from msdseg.plan import read_plan
-from msdseg.planner import (
-    Fingerprint,
-    TrainingPlan,
-    apply_plan,
-    detect_device,
-    plan_training,
-    settle_budget,
-    torch_probe,
-)
-from msdseg.train.probe import pipeline_pace
+from msdseg.plan.fingerprint import Fingerprint, detect_device
+from msdseg.plan.preprocessing import read_plan
+from msdseg.plan.record import TrainingPlan
+from msdseg.plan.training import plan_training
+from msdseg.train.probe import settle_iterations, torch_probe
 
 # the probe runs on the GPU the train job will use: take a slot first (before CUDA starts)
 with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
@@ -45,14 +40,13 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
                              n_folds=snakemake.params.n_folds, cpu_native_bf16=native_bf16)
     planned = training.as_dict()
     if here and "train.iterations" not in user:  # the step misses the data: settle from the pipeline's pace
-        config = apply_plan({"seed": snakemake.params.seed, "model": snakemake.params.model,
-                             "train": {**snakemake.params.train, "max_minutes": snakemake.params.budget_minutes}},
-                            planned)
+        declared = {"seed": snakemake.params.seed, "model": snakemake.params.model,
+                    "train": {**snakemake.params.train, "max_minutes": snakemake.params.budget_minutes}}
         rows = [{"subject": subject_id(image), "image": image, "label": label}
                 for image, label in zip(snakemake.input.images, snakemake.input.labels)]
-        pace = pipeline_pace(rows, plan, config, snakemake.threads, device.type)
-        planned = settle_budget(planned, None, snakemake.params.n_folds, pace)
+        planned = settle_iterations(planned, rows, plan, declared, snakemake.threads, snakemake.params.n_folds,
+                                    device.type)
     settled = TrainingPlan.from_dict(planned)
-    logging.getLogger("msdseg.plan").info("training plan for %s:\n%s", device.describe(), settled.table())
+    logging.getLogger("msdseg.plan.preprocessing").info("training plan for %s:\n%s", device.describe(), settled.table())
     write_text(json.dumps(planned, indent=2, sort_keys=True) + "\n", snakemake.output.plan)
     write_text(settled.csv(), snakemake.output.table)

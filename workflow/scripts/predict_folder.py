@@ -4,9 +4,9 @@ import _bootstrap  # noqa: F401
 
 from pathlib import Path
 
-from msdseg.devices import gpu_slot
+from msdseg.jobs.gpu_slots import gpu_slot
+from msdseg.jobs.infer_jobs import predict_cases
 from msdseg.logs import job_log
-from msdseg.predict import predict_cases
 
 
 def files(value):

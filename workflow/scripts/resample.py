@@ -3,7 +3,7 @@
 Run by the rules' shell command, not Snakemake's ``script:`` directive: its preamble imports
 Snakemake into every job, 0.1-0.25 s of a resampling job's 0.5-0.8 s start-up, where a chunk of
 10 hippocampus subjects is 0.4 s of work. The job reads its subjects from manifest.csv as the DAG
-did (msdseg.resample.resample_role_chunk), so the command line stays short for any chunk size.
+did (msdseg.jobs.resample_jobs.resample_role_chunk), so the command line stays short for any chunk size.
 
     python resample.py --manifest M --role train|test --size N --chunk 0000 --first S --count K
         --plan plan.json --out STAGING_FOLDER --log LOG
@@ -13,8 +13,8 @@ import _bootstrap  # noqa: F401
 
 import argparse
 
+from msdseg.jobs.resample_jobs import ROLE_FOLDERS, resample_role_chunk
 from msdseg.logs import job_log
-from msdseg.resample import ROLE_FOLDERS, resample_role_chunk
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--manifest", required=True)

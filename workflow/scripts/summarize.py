@@ -6,12 +6,12 @@ import json
 
 import pandas as pd
 
-from msdseg.evaluate import dice_summary, read_metrics
-from msdseg.io import write_csv, write_text
+from msdseg.data.manifest import read_manifest, split_fold
+from msdseg.files import write_csv, write_text
 from msdseg.logs import job_log
-from msdseg.manifest import read_manifest, split_fold
-from msdseg.plots import overlay_cases, plot_dice_boxplot, plot_overlays
 from msdseg.provenance import provenance
+from msdseg.report.plots import overlay_cases, plot_dice_boxplot, plot_overlays
+from msdseg.report.tables import dice_summary, read_metrics
 
 with job_log(snakemake.log[0]):
     by_fold = {int(fold): read_metrics(path) for fold, path in zip(snakemake.params.folds, snakemake.input.metrics)}

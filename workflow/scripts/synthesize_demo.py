@@ -2,9 +2,9 @@
 
 import _bootstrap  # noqa: F401
 
-from msdseg.io import atomic_path, write_text
+from msdseg.data.synthetic import make_synthetic_task
+from msdseg.files import atomic_path, write_text
 from msdseg.logs import job_log
-from msdseg.synthetic import make_synthetic_task
 
 with job_log(snakemake.log[0]):
     synthetic = snakemake.params.synthetic

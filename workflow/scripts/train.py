@@ -6,15 +6,15 @@ import json
 import logging
 from pathlib import Path
 
+from msdseg.data.manifest import read_manifest, split_fold
 from msdseg.decathlon import subject_id
-from msdseg.devices import gpu_slot
+from msdseg.jobs.gpu_slots import gpu_slot
 from msdseg.logs import job_log
-from msdseg.manifest import read_manifest, split_fold
-from msdseg.plan import read_plan
-from msdseg.planner import apply_plan, plan_table, settle_here
-from msdseg.plots import plot_learning_curve
-from msdseg.train import train
-from msdseg.train.probe import pipeline_pace
+from msdseg.plan.preprocessing import read_plan
+from msdseg.plan.record import apply_plan, plan_table
+from msdseg.report.plots import plot_learning_curve
+from msdseg.train.probe import settle_iterations
+from msdseg.train.trainer import train
 
 # the job's own GPUs (train.devices of them) before anything initialises CUDA
 with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.train["devices"])):
@@ -34,9 +34,9 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.train["devices"]))
     declared = {"seed": snakemake.params.seed, "model": snakemake.params.model, "train": snakemake.params.train}
     training_rows = [s for s in subjects if s["subject"] in split.training]
     if training_plan["settings"]["train.iterations"]["value"] is None:  # planned on another machine
-        training_plan = settle_here(training_plan, snakemake.params.n_folds, lambda settled: pipeline_pace(
-            training_rows, plan, apply_plan(declared, settled), snakemake.threads))
-    logging.getLogger("msdseg.plan").info("training plan:\n%s", plan_table(training_plan))
+        training_plan = settle_iterations(training_plan, training_rows, plan, declared, snakemake.threads,
+                                          snakemake.params.n_folds, probe_step=True)
+    logging.getLogger("msdseg.plan.preprocessing").info("training plan:\n%s", plan_table(training_plan))
     model_path = train(
         training_rows,
         [s for s in subjects if s["subject"] in split.validation],

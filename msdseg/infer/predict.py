@@ -1,8 +1,8 @@
 """Predict one subject with one model or a fold ensemble and write it in the original geometry.
 
 Steps: check that all checkpoints share labels and channels and fit the image -> intensity
-preprocessing of the model's plan (:func:`msdseg.data.preprocessing`) -> grid-aggregated
-probabilities on the resampled grid (:func:`msdseg.inference.predict_probabilities`), averaged
+preprocessing of the model's plan (:func:`msdseg.data.normalize.preprocessing`) -> grid-aggregated
+probabilities on the resampled grid (:func:`msdseg.model.sliding_window.predict_probabilities`), averaged
 over the models -> probabilities mapped onto the original grid, one class at a time, with a
 running argmax -> uint8 NIfTI with the original header (affine, shape, orientation), written
 atomically.
@@ -20,27 +20,26 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from msdseg.data import IMAGE, preprocessing, subjects_from_paths
+from msdseg.data.normalize import preprocessing
+from msdseg.data.resample import channels_on_reference
+from msdseg.data.subjects import IMAGE, subjects_from_paths
 from msdseg.decathlon import label_map, subject_id
 from msdseg.errors import ModelError, SubjectError
-from msdseg.inference import grid_overlap
-from msdseg.io import channel_count, read_image_header, spatial_geometry, write_labels
-from msdseg.model import load_model
-from msdseg.resample import channels_on_reference
+from msdseg.images import read_image_header, spatial_geometry, write_labels
+from msdseg.model.sliding_window import grid_overlap
+from msdseg.model.unet import load_model
 
 if TYPE_CHECKING:
-    from msdseg.chunks import Subject
+    pass
+
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- models
 
 
 def _describe(meta: Mapping[str, Any]) -> str:
@@ -98,7 +97,7 @@ def tta_axes(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> bool | list[i
 
 
 def grid_settings(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-    """(patch size, overlap) for one model: :func:`msdseg.inference.grid_overlap` with the model's patch."""
+    """(patch size, overlap) for one model: :func:`msdseg.model.sliding_window.grid_overlap` with the model's patch."""
     return grid_overlap(infer, meta["patch_size"])
 
 
@@ -122,15 +121,15 @@ def predict_with_fallback(
     name: str = "model",
     tta: bool | Sequence[int] = False,
 ) -> torch.Tensor:
-    """:func:`msdseg.inference.predict_probabilities`, retried on out-of-GPU-memory.
+    """:func:`msdseg.model.sliding_window.predict_probabilities`, retried on out-of-GPU-memory.
 
     A shared GPU may be fuller than when the job was planned: a smaller batch, then the CPU,
     finish the job slower instead of failing it. Every kind of allocation failure counts
     (:func:`msdseg.devices.is_out_of_memory`: cuBLAS/cuDNN handles fail as plain RuntimeErrors);
     any other error is raised at once.
     """
-    from msdseg import inference
     from msdseg.devices import is_out_of_memory, resolve_precision
+    from msdseg.model import sliding_window
 
     precision = str(infer.get("precision", "auto"))
     resolve_precision(precision, torch.device(device), key="infer.precision")  # a wrong one fails here, named
@@ -138,7 +137,7 @@ def predict_with_fallback(
     for attempt, (where, batch_size) in enumerate(tries):
         try:
             model.to(where)
-            return inference.predict_probabilities(
+            return sliding_window.predict_probabilities(
                 model, image, patch_size, overlap, batch_size, where,
                 overlap_mode=infer.get("overlap_mode", "hann"), tta=tta, amp=precision,
             )
@@ -156,9 +155,6 @@ def predict_with_fallback(
                 name, where, batch_size, next_where, next_batch,
             )
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------- geometry
 
 
 def _grid(path: Path) -> sitk.ImageFileReader:
@@ -200,9 +196,6 @@ def labels_in_reference_geometry(
         del values  # let the generator free this channel before it resamples the next
     assert labels is not None
     return labels
-
-
-# --------------------------------------------------------------------------- subject
 
 
 def _read_image(image_path: Path) -> Any:
@@ -322,197 +315,3 @@ def predict_loaded(
     del summed
     write_labels(labels, Path(reference_path), Path(out_path), reference)
     logger.info("%s: wrote %s %s", name, out_path, labels.shape)
-
-
-# --------------------------------------------------------------------------- chunks
-
-
-class Item(NamedTuple):
-    """One prediction of a chunk: the resampled image, its original (the output grid), the output file."""
-
-    name: str
-    image: Path
-    reference: Path
-    out: Path
-
-
-def _in_chunk(error: Exception, name: str, path: Path, n: int) -> Exception:
-    """``error`` as the exception that names the failed subject and what happens to its chunk."""
-    from msdseg.chunks import failed_in_chunk
-
-    note = failed_in_chunk(name, n)
-    if isinstance(error, SubjectError):
-        return SubjectError(error.subject, error.path, f"{error.problem} {note}")
-    if isinstance(error, ModelError):
-        return ModelError(f"{name}: {error} {note}")
-    return SubjectError(name, str(path), f"prediction failed ({type(error).__name__}: {error}) {note}")
-
-
-def predict_chunk(
-    model_paths: Sequence[str | Path],
-    items: Sequence[Item],
-    infer: Mapping[str, Any],
-    device: str | None = None,
-    threads: int = 1,
-) -> float:
-    """Predict every item with the same models, loaded once; return the seconds of work.
-
-    The predictions are those of :func:`predict_subject` for each item alone, byte for byte. A
-    failing item raises naming it (its chunk is then redone as a whole by the workflow).
-    """
-    import time
-
-    from msdseg.chunks import work_line
-
-    torch.set_num_threads(max(int(threads), 1))
-    device = _device(device)
-    loaded = load_models(model_paths)
-    work = 0.0
-    for item in items:
-        start = time.perf_counter()
-        try:
-            predict_loaded(loaded, item.image, item.reference, item.out, infer, device)
-        except Exception as error:
-            raise _in_chunk(error, item.name, item.image, len(items)) from error
-        seconds = time.perf_counter() - start
-        work += seconds
-        logger.info("%s: predicted in %.3f s", item.name, seconds)
-    logger.info(work_line(len(items), work))
-    return work
-
-
-def predict_subjects(
-    subjects: Sequence[Subject],
-    resampled: str | Path,
-    model_paths: Sequence[str | Path],
-    out_dir: str | Path,
-    infer: Mapping[str, Any],
-    device: str | None = None,
-    threads: int = 1,
-) -> float:
-    """:func:`predict_chunk` of manifest subjects (:func:`msdseg.chunks.infer_chunk`) into ``out_dir``.
-
-    Each subject's image as the data stage placed it under ``resampled``
-    (:func:`msdseg.chunks.resampled_image`), its prediction on its original image's grid,
-    written as ``out_dir/<subject>.nii.gz``: the files the workflow's rules name.
-    """
-    from msdseg.chunks import resampled_image
-
-    items = [Item(s.subject, Path(resampled_image(resampled, s)), Path(s.image), Path(out_dir) / f"{s.subject}.nii.gz")
-             for s in subjects]
-    return predict_chunk(model_paths, items, infer, device=device, threads=threads)
-
-
-# --------------------------------------------------------------------------- new images (predict_folder)
-
-_RESAMPLING_KEYS = ("target_spacing", "inplane_size", "image_interpolation", "clip")
-
-
-def resampling_plan(loaded: Loaded) -> dict[str, Any]:
-    """The plan new images are resampled with: the models' own (model.pt), which must agree on the grid."""
-    first_path, _, first = loaded[0]
-    plan = dict(first.get("plan") or {})
-    for path, _, meta in loaded[1:]:
-        other = meta.get("plan") or {}
-        differing = [key for key in _RESAMPLING_KEYS if other.get(key) != plan.get(key)]
-        if differing:
-            raise ModelError(
-                f"{path} and {first_path} resample differently ({', '.join(differing)}); an ensemble needs the "
-                "models of one run: predict with one run's folds."
-            )
-    return plan
-
-
-def _header(path: str) -> sitk.ImageFileReader:
-    try:
-        return read_image_header(path)
-    except OSError as error:
-        raise SubjectError(subject_id(path), path, f"{error}; replace the file") from error
-
-
-def case_channels(files: Sequence[str], name: str) -> int:
-    """Input channels of a case, after checking its files' dimensionality (and that channel files share a grid)."""
-    headers = [_header(path) for path in files]
-    for path, header in zip(files, headers):
-        dimension = header.GetDimension()
-        allowed = (3, 4) if len(files) == 1 else (3,)
-        if dimension not in allowed:
-            what = "a 3D volume or a 4D (x, y, z, channel) image" if len(files) == 1 else "3D (one file per channel)"
-            raise SubjectError(name, path, f"is a {dimension}D image (size {tuple(header.GetSize())}); the models "
-                               f"take {what}: give 3D/4D NIfTI images")
-    if len(files) == 1:
-        return channel_count(headers[0])
-    first = spatial_geometry(headers[0])
-    for path, header in zip(files[1:], headers[1:]):
-        if not spatial_geometry(header).same_as(first):
-            raise SubjectError(name, path, f"is not on the voxel grid of {files[0]} (channel 0); "
-                               "all channel files of a case need one grid")
-    return len(files)
-
-
-def check_cases(loaded: Loaded, cases: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """Every case of a chunk fits the models (dimensionality, channels); one error listing all that do not."""
-    metas = [(path, meta) for path, _, meta in loaded]
-    problems = []
-    for name, files in cases:
-        try:
-            check_models(metas, Path(files[0]), case_channels(files, name))
-        except (ModelError, SubjectError) as error:
-            problems.append(f"{name} ({files[0]}): {error}")
-    if problems:
-        raise ModelError(
-            f"{len(problems)} image(s) do not fit the models, nothing of this chunk was predicted:\n  "
-            + "\n  ".join(problems)
-        )
-
-
-def predict_cases(
-    model_paths: Sequence[str | Path],
-    cases: Sequence[tuple[str, Sequence[str]]],
-    out_dir: str | Path,
-    infer: Mapping[str, Any],
-    device: str | None = None,
-    threads: int = 1,
-) -> float:
-    """New images (``(name, files)``: one 3D/4D file, or one 3D file per channel) -> ``out_dir/<name>.nii.gz``.
-
-    The same steps as the workflow: resampled with the models' plan (from model.pt) as
-    :func:`msdseg.resample.resample_subject` does, then :func:`predict_chunk`'s prediction in the
-    original geometry (the first file's header). All cases are checked against the models before
-    any is predicted. Returns the seconds of work.
-    """
-    import tempfile
-    import time
-
-    from msdseg.chunks import work_line
-    from msdseg.io import read_image, write_image
-    from msdseg.resample import resample_subject
-
-    torch.set_num_threads(max(int(threads), 1))
-    device = _device(device)
-    loaded = load_models(model_paths)
-    plan = resampling_plan(loaded)
-    check_cases(loaded, cases)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = 0.0
-    with tempfile.TemporaryDirectory(prefix=".resampled-", dir=out) as scratch:
-        for name, files in cases:
-            start = time.perf_counter()
-            try:
-                source = Path(files[0])
-                if len(files) > 1:  # nnU-Net's one file per channel -> one 4D image
-                    source = Path(scratch) / f"{name}_channels.nii"
-                    write_image(sitk.JoinSeries([read_image(path) for path in files]), source, compress=False)
-                resampled = Path(scratch) / f"{name}.nii"
-                resample_subject(source, resampled, plan)
-                predict_loaded(loaded, resampled, Path(files[0]), out / f"{name}.nii.gz", infer, device)
-                for temporary in {source, resampled} - {Path(files[0])}:
-                    temporary.unlink(missing_ok=True)
-            except Exception as error:
-                raise _in_chunk(error, name, Path(files[0]), len(cases)) from error
-            seconds = time.perf_counter() - start
-            work += seconds
-            logger.info("%s: resampled and predicted in %.3f s", name, seconds)
-    logger.info(work_line(len(cases), work))
-    return work

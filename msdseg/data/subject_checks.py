@@ -1,119 +1,27 @@
-"""The subject table (manifest.csv): every subject of dataset.json validated, measured and foldered.
-
-Reading every image once is the price of catching broken subjects here, before hours of
-training, instead of in a worker that crashes on subject 173. Subjects are read one at a time and
-their voxels are scanned in slabs along z, so a large CT costs about its own size in memory.
-"""
+"""Checks of one subject's files (readable, geometry, label values, NaN/inf) and their statistics, for the manifest."""
 
 from __future__ import annotations
 
-import csv
-import io as _stdio
-import json
 import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from msdseg import io
-from msdseg.decathlon import DatasetInfo, SubjectFiles, label_map
-from msdseg.errors import ConfigError, DatasetError, SubjectError
-from msdseg.logs import say
-
-ON_INVALID = ("error", "skip")
-
-LIST_COLUMNS = ("shape", "spacing", "origin", "direction")
-STAT_COLUMNS = (
-    "intensity_mean",
-    "intensity_std",
-    "intensity_min",
-    "intensity_max",
-    "fg_mean",
-    "fg_std",
-    "fg_p00_5",
-    "fg_p99_5",
-    "zero_fraction",
-)
-EXCLUDED_COLUMNS = ["subject", "role", "file", "reason"]
+from msdseg import images
+from msdseg.decathlon import SubjectFiles
 
 _SKIP_HINT = "or set manifest.on_invalid: skip to drop the subject and list it in excluded.csv"
+
+
 _SLAB_VOXELS = 4_000_000  # voxels scanned at once: bounds the temporaries of a large CT
+
+
 _MAX_LISTED = 20  # label values shown in a message
-
-
-def manifest_columns(labels: Mapping[int, str] | Sequence[int]) -> list[str]:
-    """The fixed column order of manifest.csv for a dataset's labels (``voxels_<label value>``)."""
-    voxel_columns = [f"voxels_{key}" for key in sorted(int(k) for k in labels)]
-    return [
-        "subject",
-        "role",
-        "fold",
-        "image",
-        "label",
-        "n_channels",
-        *LIST_COLUMNS,
-        *voxel_columns,
-        *STAT_COLUMNS,
-    ]
-
-
-# --------------------------------------------------------------------------- folds
-
-
-def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, int]:
-    """Fold per subject: sorted ids, a seeded permutation, then round-robin.
-
-    Sorting first makes the result independent of the order dataset.json lists subjects in;
-    round-robin makes fold sizes differ by at most one. Fewer subjects than folds make one fold
-    per subject (leave-one-out): a small task of the user's own still runs with the defaults.
-    """
-    ids = sorted(str(s) for s in subjects)
-    if len(set(ids)) != len(ids):
-        duplicates = sorted(s for s, n in Counter(ids).items() if n > 1)
-        raise ValueError(f"subject ids must be unique, got duplicates {duplicates}")
-    if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
-    n_folds = min(n_folds, len(ids))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return {ids[int(index)]: position % n_folds for position, index in enumerate(order)}
-
-
-@dataclass(frozen=True)
-class FoldSplit:
-    """Who trains and who validates in one fold; ``held_out`` is False when they are the same subjects."""
-
-    training: list[str]
-    validation: list[str]
-    held_out: bool
-
-
-def split_fold(folds: Mapping[str, int], fold: int) -> FoldSplit:
-    """The training and validation subjects of ``fold`` (``folds``: subject -> fold, -1 for test subjects).
-
-    A task with a single labelled subject has one fold, and that subject is both: the model is
-    trained and scored on it, and every report marks the Dice as not held out.
-    """
-    labelled = {subject: int(f) for subject, f in folds.items() if int(f) >= 0}
-    validation = sorted(s for s, f in labelled.items() if f == int(fold))
-    if not validation:
-        existing = sorted(set(labelled.values()))
-        raise ConfigError(
-            f"config key 'train.folds': fold {fold} has no subjects; manifest.csv puts its {len(labelled)} "
-            f"labelled subject(s) in folds {existing}. Train only those folds, or add labelled subjects."
-        )
-    training = sorted(s for s, f in labelled.items() if f != int(fold))
-    if not training:
-        return FoldSplit(validation, validation, held_out=False)
-    return FoldSplit(training, validation, held_out=True)
-
-
-# --------------------------------------------------------------------------- one subject
 
 
 class _Invalid(Exception):
@@ -130,17 +38,17 @@ def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
 
 
-def _describe(geometry: io.Geometry) -> str:
+def _describe(geometry: images.Geometry) -> str:
     return (
         f"origin {_fmt(geometry.origin)}, spacing {_fmt(geometry.spacing)}, "
         f"direction {_fmt(geometry.direction)}"
     )
 
 
-def _open(path: str, what: str) -> tuple[sitk.ImageFileReader, io.NiftiScan]:
+def _open(path: str, what: str) -> tuple[sitk.ImageFileReader, images.NiftiScan]:
     """Header and non-finite counts of an existing, complete image, or _Invalid saying what it is not.
 
-    NaN/inf come from the raw file (:func:`msdseg.io.scan_nifti`): SimpleITK reads them as 0.
+    NaN/inf come from the raw file (:func:`msdseg.images.scan_nifti`): SimpleITK reads them as 0.
     """
     if not os.path.isfile(path):
         raise _Invalid(
@@ -149,7 +57,7 @@ def _open(path: str, what: str) -> tuple[sitk.ImageFileReader, io.NiftiScan]:
             "restore the file (extract the archive again) or remove the subject from dataset.json",
         )
     try:
-        header = io.read_image_header(path)
+        header = images.read_image_header(path)
         if header.GetDimension() not in (3, 4):
             raise _Invalid(
                 path,
@@ -157,7 +65,7 @@ def _open(path: str, what: str) -> tuple[sitk.ImageFileReader, io.NiftiScan]:
                 "expected a 3D volume or a 4D (x, y, z, channel) NIfTI",
                 "replace the file with a 3D/4D NIfTI or remove the subject from dataset.json",
             )
-        scan = io.scan_nifti(path)
+        scan = images.scan_nifti(path)
     except OSError as error:
         raise _Invalid(
             path,
@@ -170,7 +78,7 @@ def _open(path: str, what: str) -> tuple[sitk.ImageFileReader, io.NiftiScan]:
 
 def _read(path: str, what: str) -> sitk.Image:
     try:
-        return io.read_image(path)
+        return images.read_image(path)
     except OSError as error:
         raise _Invalid(
             path,
@@ -198,7 +106,7 @@ def _slabs(depth: int, plane_voxels: int) -> Iterator[slice]:
         yield slice(start, min(start + step, depth))
 
 
-def _geometry_mismatch(image: io.Geometry, label: io.Geometry, tolerance: float) -> str | None:
+def _geometry_mismatch(image: images.Geometry, label: images.Geometry, tolerance: float) -> str | None:
     """Which of origin/spacing/direction differ by more than ``tolerance`` (None if none)."""
     differing = [
         f"{name} by up to {difference:.4g}"
@@ -265,8 +173,8 @@ def _label_array(label: sitk.Image) -> np.ndarray:
     """(x, y, z) view of a label map; a 4D label with one volume counts as 3D."""
     if label.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"a label map must have one value per voxel, got {label.GetNumberOfComponentsPerPixel()}")
-    array = io.xyz_view(label)
-    array = array.reshape(io.label_shape(array.shape))
+    array = images.xyz_view(label)
+    array = array.reshape(images.label_shape(array.shape))
     if array.ndim != 3:
         raise ValueError(f"a label map must be 3D, got size {tuple(label.GetSize())}")
     return array
@@ -277,7 +185,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
     image_path = str(files.image)
     label_path = "" if files.label is None else str(files.label)
     image_header, image_scan = _open(image_path, "image")
-    image_geometry = io.spatial_geometry(image_header)
+    image_geometry = images.spatial_geometry(image_header)
     if image_scan.n_nan or image_scan.n_inf:
         raise _nonfinite(image_path, image_scan.n_nan, image_scan.n_inf)
     if files.label is not None:
@@ -290,7 +198,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
         "fold": -1,
         "image": image_path,
         "label": label_path,
-        "n_channels": io.channel_count(image_header),
+        "n_channels": images.channel_count(image_header),
         "shape": list(image_geometry.size),
         "spacing": _clean(image_geometry.spacing),
         "origin": _clean(image_geometry.origin),
@@ -302,7 +210,7 @@ def _inspect(files: SubjectFiles, labels: Mapping[int, str], tolerance: float) -
     return row
 
 
-def _check_label_header(label_path: str, image_path: str, image_geometry: io.Geometry, tolerance: float) -> None:
+def _check_label_header(label_path: str, image_path: str, image_geometry: images.Geometry, tolerance: float) -> None:
     """The label's header against the image's: finite values, the same grid (within the tolerance)."""
     label_header, label_scan = _open(label_path, "label")
     if label_scan.n_nan or label_scan.n_inf:
@@ -311,14 +219,14 @@ def _check_label_header(label_path: str, image_path: str, image_geometry: io.Geo
             f"label has {label_scan.n_nan} NaN and {label_scan.n_inf} infinite voxel(s)",
             "relabel the file with the dataset.json label values",
         )
-    label_size = io.label_shape(label_header.GetSize())
+    label_size = images.label_shape(label_header.GetSize())
     if label_size != image_geometry.size:
         raise _Invalid(
             label_path,
             f"label shape {label_size} differs from the image shape {image_geometry.size} ({image_path})",
             "the label must be on the image's voxel grid; replace the label",
         )
-    label_geometry = io.spatial_geometry(label_header)
+    label_geometry = images.spatial_geometry(label_header)
     mismatch = _geometry_mismatch(image_geometry, label_geometry, tolerance)
     if mismatch:
         raise _Invalid(
@@ -337,7 +245,7 @@ def _scan_voxels(image_path: str, label_path: str | None, labels: Mapping[int, s
     The image once and the label beside it, slab by slab along z: a large CT costs about its size.
     """
     image = _read(image_path, "image")  # kept referenced: the arrays below are views of its buffer
-    voxels = io.xyz_view(image)
+    voxels = images.xyz_view(image)
     if voxels.ndim == 3:
         voxels = voxels[..., np.newaxis]
     first = voxels[..., 0]
@@ -390,143 +298,3 @@ def _check_label_values(label_path: str, value_counts: Counter, labels: Mapping[
             f"label values {shown}{more} are not in dataset.json labels {sorted(allowed)}",
             "relabel the file to the dataset.json labels or add the values to dataset.json 'labels'",
         )
-
-
-# --------------------------------------------------------------------------- the table
-
-
-def build_manifest(
-    dataset: DatasetInfo,
-    *,
-    n_folds: int,
-    seed: int,
-    on_invalid: str = "error",
-    affine_tolerance: float = 1e-3,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(manifest, excluded) for every subject of ``dataset``; folds go to the surviving training subjects.
-
-    ``on_invalid="error"`` raises SubjectError at the first broken subject; ``"skip"`` drops it
-    and records (subject, role, file, reason) in ``excluded``. Rows are sorted: training
-    subjects first, then test, each by subject id, so the table does not depend on the order of
-    dataset.json.
-    """
-    if on_invalid not in ON_INVALID:
-        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
-    labels = label_map(dataset.labels)
-    seen = Counter(s.subject for s in dataset.subjects)
-    duplicates = sorted(s for s, n in seen.items() if n > 1)
-    if duplicates:
-        raise DatasetError(f"{dataset.root}/dataset.json: subjects listed twice: {duplicates}; list each once.")
-
-    rows: list[dict[str, Any]] = []
-    excluded: list[dict[str, str]] = []
-    for files in sorted(dataset.subjects, key=lambda s: (s.role != "train", s.subject)):
-        try:
-            rows.append(_inspect(files, labels, affine_tolerance))
-        except _Invalid as invalid:
-            if on_invalid == "error":
-                raise SubjectError(
-                    files.subject, invalid.path, f"{invalid.problem}. Fix: {invalid.fix}, {_SKIP_HINT}."
-                ) from None
-            excluded.append(
-                {"subject": files.subject, "role": files.role, "file": invalid.path, "reason": invalid.problem}
-            )
-
-    training = [row["subject"] for row in rows if row["role"] == "train"]
-    if not training:
-        raise DatasetError(
-            f"{dataset.root}/dataset.json: no valid training subject left "
-            f"({len(excluded)} excluded, see excluded.csv); a model needs labelled subjects."
-        )
-    folds = assign_folds(training, n_folds, seed)
-    if len(training) < n_folds:
-        say(f"only {len(training)} labelled subject(s) for manifest.n_folds={n_folds}: "
-            + ("one fold per subject (leave-one-out)." if len(training) > 1 else
-               "one fold that trains and validates on that subject, so its Dice is not held out."),
-            name="msdseg.manifest")
-    for row in rows:
-        if row["role"] == "train":
-            row["fold"] = folds[row["subject"]]
-
-    manifest = _typed(pd.DataFrame(rows, columns=manifest_columns(labels)))
-    excluded_table = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS).astype(str)
-    return manifest, excluded_table
-
-
-def _voxel_columns(columns: Sequence[str]) -> list[str]:
-    return [c for c in columns if c.startswith("voxels_")]
-
-
-def _typed(table: pd.DataFrame) -> pd.DataFrame:
-    """The one set of dtypes of a manifest, so build_manifest and read_manifest agree exactly."""
-    table = table.reset_index(drop=True)
-    for column in ("subject", "role", "image", "label"):
-        table[column] = table[column].astype(str)
-    for column in ("fold", "n_channels"):
-        table[column] = table[column].astype(np.int64)
-    for column in _voxel_columns(table.columns):
-        table[column] = table[column].astype("Int64")
-    for column in STAT_COLUMNS:
-        table[column] = table[column].astype(np.float64)
-    for column in LIST_COLUMNS:
-        table[column] = pd.Series([list(v) for v in table[column]], index=table.index, dtype=object)
-    return table
-
-
-def _cell(value: Any) -> str:
-    """Text of one cell: JSON lists, repr floats (exact round trip), empty for missing."""
-    if isinstance(value, (list, tuple)):
-        return json.dumps([v.item() if isinstance(v, np.generic) else v for v in value])
-    if value is None or value is pd.NA:
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else repr(float(value))
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return str(value)
-
-
-def _csv_text(table: pd.DataFrame, columns: Sequence[str]) -> str:
-    buffer = _stdio.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for record in table[list(columns)].itertuples(index=False, name=None):
-        writer.writerow([_cell(v) for v in record])
-    return buffer.getvalue()
-
-
-def write_manifest(manifest: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write manifest.csv atomically; the same table always gives the same bytes."""
-    voxel_columns = sorted(_voxel_columns(manifest.columns), key=lambda c: int(c.split("_", 1)[1]))
-    columns = manifest_columns([int(c.split("_", 1)[1]) for c in voxel_columns])
-    missing = [c for c in columns if c not in manifest.columns]
-    if missing:
-        raise ValueError(f"manifest lacks columns {missing}")
-    io.write_text(_csv_text(manifest, columns), path)
-
-
-def write_excluded(excluded: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write excluded.csv (subject, role, file, reason) atomically; a header only when none was dropped."""
-    io.write_text(_csv_text(excluded, EXCLUDED_COLUMNS), path)
-
-
-def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read manifest.csv with its list cells decoded (``[0.8, 0.8, 2.5]`` -> list) and typed columns."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    expected = manifest_columns([int(c.split("_", 1)[1]) for c in _voxel_columns(table.columns)])
-    if list(table.columns) != expected:
-        raise DatasetError(
-            f"{path}: columns {list(table.columns)} are not those of a manifest ({expected}); "
-            "delete the file so the manifest rule writes it again."
-        )
-    for column in LIST_COLUMNS:
-        table[column] = pd.Series([json.loads(v) for v in table[column]], index=table.index, dtype=object)
-    for column in ("fold", "n_channels"):
-        table[column] = table[column].map(int)
-    for column in _voxel_columns(table.columns):
-        table[column] = pd.array([int(v) if v != "" else pd.NA for v in table[column]], dtype="Int64")
-    for column in STAT_COLUMNS:
-        table[column] = [float(v) if v != "" else math.nan for v in table[column]]
-    return _typed(table)

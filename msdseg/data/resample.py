@@ -12,22 +12,18 @@ shift the whole volume by that much. There is no anti-aliasing filter before dow
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from msdseg import io
+from msdseg import files, images
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 
 
-# --------------------------------------------------------------------------- grids
-
-
-def target_geometry(geometry: io.Geometry, plan: Mapping[str, Any]) -> io.Geometry:
+def target_geometry(geometry: images.Geometry, plan: Mapping[str, Any]) -> images.Geometry:
     """The grid an image with ``geometry`` is resampled onto under ``plan`` (see the module docstring).
 
     Spacing per axis is the plan's ``target_spacing`` (the image's own when null). With
@@ -48,7 +44,7 @@ def target_geometry(geometry: io.Geometry, plan: Mapping[str, Any]) -> io.Geomet
     shift = old_spacing * (old_size - 1) / 2 - new_spacing * (new_size - 1) / 2
     direction = np.array(geometry.direction, dtype=np.float64).reshape(3, 3)
     origin = np.array(geometry.origin, dtype=np.float64) + direction @ shift
-    return io.Geometry(
+    return images.Geometry(
         size=tuple(int(v) for v in new_size),  # type: ignore[arg-type]
         spacing=tuple(float(v) for v in new_spacing),  # type: ignore[arg-type]
         origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
@@ -56,7 +52,7 @@ def target_geometry(geometry: io.Geometry, plan: Mapping[str, Any]) -> io.Geomet
     )
 
 
-def _resample(image: sitk.Image, grid: io.Geometry, interpolator: int, pixel_type: int) -> sitk.Image:
+def _resample(image: sitk.Image, grid: images.Geometry, interpolator: int, pixel_type: int) -> sitk.Image:
     """``image`` (3D) on ``grid``; points beyond the input take the nearest edge value, not a constant."""
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize([int(v) for v in grid.size])
@@ -75,7 +71,7 @@ def _label_volume(label: sitk.Image, path: os.PathLike[str] | str) -> sitk.Image
     if label.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: a label map must have one value per voxel")
     if label.GetDimension() == 4:
-        size = io.label_shape(label.GetSize())
+        size = images.label_shape(label.GetSize())
         if len(size) != 3:
             raise ValueError(f"{path}: a label map must be 3D, got size {size}")
         label = sitk.Extract(label, [*size, 0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
@@ -101,10 +97,10 @@ def resample_subject(
     interpolator = _INTERPOLATORS[plan.get("image_interpolation", "linear")]
     clip = plan.get("clip")
 
-    image = io.read_image(image_in)
-    grid = target_geometry(io.spatial_geometry(image), plan)
+    image = images.read_image(image_in)
+    grid = target_geometry(images.spatial_geometry(image), plan)
     channels = []
-    for channel in io.iter_channels(image):
+    for channel in images.iter_channels(image):
         channel = sitk.Cast(channel, sitk.sitkFloat32)
         if clip is not None:
             channel = sitk.Clamp(channel, sitk.sitkFloat32, float(clip[0]), float(clip[1]))
@@ -113,18 +109,15 @@ def resample_subject(
             channel = sitk.Clamp(channel, sitk.sitkFloat32, float(clip[0]), float(clip[1]))
         channels.append(channel)
     del image
-    io.write_image(io.join_channels(channels), image_out)
+    images.write_image(images.join_channels(channels), image_out)
     del channels
 
     if label_in is not None and label_out is not None:
-        label = _label_volume(io.read_image(label_in), label_in)
-        io.write_image(_resample(label, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8), label_out)
+        label = _label_volume(images.read_image(label_in), label_in)
+        images.write_image(_resample(label, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8), label_out)
 
 
-# --------------------------------------------------------------------------- back to the original grid
-
-
-def _check_grid(array: np.ndarray, source: io.Geometry, what: str) -> None:
+def _check_grid(array: np.ndarray, source: images.Geometry, what: str) -> None:
     if tuple(array.shape[-3:]) != tuple(source.size):
         raise ValueError(
             f"{what} has spatial shape {tuple(array.shape[-3:])} but the source image's grid is {source.size}; "
@@ -132,10 +125,10 @@ def _check_grid(array: np.ndarray, source: io.Geometry, what: str) -> None:
         )
 
 
-def _resampling_source(array: np.ndarray, grid: io.Geometry) -> sitk.Image:
+def _resampling_source(array: np.ndarray, grid: images.Geometry) -> sitk.Image:
     """An (x, y, z) array as an image to resample from, with one copy of it instead of two.
 
-    SimpleITK reads arrays as (z, y, x), so :func:`msdseg.io.image_on_grid` transposes first,
+    SimpleITK reads arrays as (z, y, x), so :func:`msdseg.images.image_on_grid` transposes first,
     which copies a CT-sized channel once more. Taken as it is, the (x, y, z) buffer gives an image
     with its axes in reverse order; reversing the spacing and the direction's columns with them
     puts every voxel at the same physical point, and that is all resampling looks at. Only for
@@ -155,7 +148,7 @@ def channels_on_reference(
 
     The inverse of :func:`resample_subject` for predictions: ``source`` is the resampled image,
     ``reference`` the original (a 4D one contributes its spatial grid). Only their grids are
-    used, so header readers (:func:`msdseg.io.read_image_header`) do as well as images. Anything
+    used, so header readers (:func:`msdseg.images.read_image_header`) do as well as images. Anything
     ``np.asarray`` takes (a CPU torch tensor too) is accepted.
 
     For large CTs: at any moment only one channel exists on each grid. Each yielded array is a
@@ -163,8 +156,8 @@ def channels_on_reference(
     When the two grids are the same (no resampling happened) the channels pass through uncopied.
     """
     probabilities = np.asarray(probabilities)
-    source_grid = io.spatial_geometry(source)
-    reference_grid = io.spatial_geometry(reference)
+    source_grid = images.spatial_geometry(source)
+    reference_grid = images.spatial_geometry(reference)
     _check_grid(probabilities, source_grid, "probabilities")
     identical = source_grid.same_as(reference_grid)
     for index in range(probabilities.shape[0]):
@@ -176,63 +169,8 @@ def channels_on_reference(
         del channel
         resampled = _resample(image, reference_grid, sitk.sitkLinear, sitk.sitkFloat32)
         del image
-        yield io.xyz_view(resampled)
+        yield images.xyz_view(resampled)
         del resampled
-
-
-# --------------------------------------------------------------------------- a chunk of subjects
-
-
-def resample_chunk(
-    subjects: Sequence[str],
-    images: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    plan: Mapping[str, Any],
-    labels: Sequence[str | os.PathLike[str]] | None = None,
-    folders: Mapping[str, str] | None = None,
-) -> float:
-    """:func:`resample_subject` for each subject into ``out_dir/<folder>/<subject>.nii.gz``; seconds of work.
-
-    ``folders`` names the subfolders (``{"image": "imagesTr", "label": "labelsTr"}``). Each file
-    is written atomically; a subject that fails raises :class:`msdseg.errors.SubjectError` naming
-    it, and the workflow then deletes the whole chunk folder (all trusted or all redone).
-    """
-    import logging
-    import time
-
-    from msdseg.chunks import failed_in_chunk, work_line
-    from msdseg.errors import SubjectError
-
-    logger = logging.getLogger(__name__)
-    folders = dict(folders or {"image": "images", "label": "labels"})
-    if labels is not None and len(labels) != len(subjects):
-        raise ValueError(f"{len(subjects)} subjects but {len(labels)} labels")
-    if len(images) != len(subjects):
-        raise ValueError(f"{len(subjects)} subjects but {len(images)} images")
-    out = Path(out_dir)
-    work = 0.0
-    for index, (subject, image) in enumerate(zip(subjects, images)):
-        label = labels[index] if labels is not None else None
-        start = time.perf_counter()
-        try:
-            resample_subject(
-                image,
-                out / folders["image"] / f"{subject}.nii.gz",
-                plan,
-                label_in=label,
-                label_out=out / folders["label"] / f"{subject}.nii.gz" if label is not None else None,
-            )
-        except SubjectError as error:
-            problem = f"{error.problem} {failed_in_chunk(subject, len(subjects))}"
-            raise SubjectError(error.subject, error.path, problem) from error
-        except Exception as error:
-            raise SubjectError(subject, str(image), f"resampling failed ({type(error).__name__}: {error}) "
-                               f"{failed_in_chunk(subject, len(subjects))}") from error
-        seconds = time.perf_counter() - start
-        work += seconds
-        logger.info("%s: resampled in %.3f s", subject, seconds)
-    logger.info(work_line(len(subjects), work))
-    return work
 
 
 RESAMPLING_KEYS = ("target_spacing", "inplane_size", "image_interpolation", "clip")
@@ -240,45 +178,9 @@ RESAMPLING_KEYS = ("target_spacing", "inplane_size", "image_interpolation", "cli
 
 
 def read_resampling_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """plan.json for resampling: the keys it reads checked, without :mod:`msdseg.plan`.
+    """plan.json for resampling: the keys it reads checked, without :mod:`msdseg.plan.preprocessing`.
 
     That module imports the config machinery (yaml, the task table): 0.03 s of each resampling
     job's start-up. A plan of another version lacking other keys fails where those are read.
     """
-    return io.read_checked_json(path, RESAMPLING_KEYS)
-
-
-ROLE_FOLDERS = {"train": {"image": "imagesTr", "label": "labelsTr"}, "test": {"image": "imagesTs"}}
-"""The staging subfolders of a chunk of each manifest role (the workflow's resampled/<folder>)."""
-
-
-def resample_role_chunk(
-    manifest: str | os.PathLike[str],
-    role: str,
-    size: int,
-    chunk: str,
-    plan: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    first: str,
-    count: int,
-) -> float:
-    """:func:`resample_chunk` of chunk ``chunk`` of the ``role`` subjects of ``manifest``, ``size`` per chunk.
-
-    The job finds its subjects where the DAG did (:func:`msdseg.chunks.planned_chunk`), so its
-    command needs no list of files; ``first`` and ``count`` are what the DAG found, and a
-    different answer (manifest.csv rewritten since) stops the job instead of resampling others.
-    ``plan`` is the path of plan.json (:func:`read_resampling_plan`).
-    """
-    from msdseg.chunks import planned_chunk, read_cohort
-
-    members = planned_chunk(read_cohort(manifest).role(role), size, chunk, first, count,
-                            f"the {role} subjects", manifest)
-    labelled = role == "train"
-    return resample_chunk(
-        [s.subject for s in members],
-        [s.image for s in members],
-        out_dir,
-        read_resampling_plan(plan),
-        labels=[s.label for s in members] if labelled else None,
-        folders=ROLE_FOLDERS[role],
-    )
+    return files.read_checked_json(path, RESAMPLING_KEYS)

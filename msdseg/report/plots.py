@@ -12,9 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,9 +20,14 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from msdseg.decathlon import label_map  # noqa: E402
-from msdseg.io import atomic_path  # noqa: E402
+from msdseg.files import atomic_path  # noqa: E402
+
+matplotlib.use("Agg")
+
 
 _DPI = 100
+
+
 _COLORS = plt.get_cmap("tab10").colors
 
 
@@ -41,9 +43,6 @@ def _message_figure(text: str) -> Figure:
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
     return figure
-
-
-# --------------------------------------------------------------------------- learning curve
 
 
 def plot_learning_curve(training_log_csv: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> None:
@@ -81,9 +80,6 @@ def plot_learning_curve(training_log_csv: str | os.PathLike[str], out_png: str |
     _save(figure, out_png)
 
 
-# --------------------------------------------------------------------------- Dice box plot
-
-
 def plot_dice_boxplot(metrics_df: pd.DataFrame, out_png: str | os.PathLike[str]) -> None:
     """Dice per class over subjects (all folds pooled), one box per class with the subjects on top.
 
@@ -117,9 +113,6 @@ def plot_dice_boxplot(metrics_df: pd.DataFrame, out_png: str | os.PathLike[str])
     ax.set_title(f"Dice per class ({n_subjects} subjects, original geometry)")
     ax.grid(True, axis="y", alpha=0.3)
     _save(figure, out_png)
-
-
-# --------------------------------------------------------------------------- overlays
 
 
 @dataclass(frozen=True)

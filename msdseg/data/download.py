@@ -24,8 +24,13 @@ from msdseg.errors import ChecksumError, DownloadError
 
 log = logging.getLogger(__name__)
 
+
 CHUNK_BYTES = 1 << 20
+
+
 _MAX_BACKOFF_S = 60.0
+
+
 _USER_AGENT = "msdseg-download/1"
 
 
@@ -167,6 +172,8 @@ def _copy_local(url: str, part: Path, *, progress: bool, label: str) -> None:
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 
 
@@ -239,4 +246,3 @@ def _bar(total: int | None, initial: int, progress: bool, label: str) -> tqdm:
         disable=not progress,
         leave=False,
     )
-

@@ -20,15 +20,25 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from msdseg.data.download import file_digest
 from msdseg.decathlon import SYNTHETIC_LABELS, SYNTHETIC_TASK
-from msdseg.download import file_digest
-from msdseg.io import atomic_path
+from msdseg.files import atomic_path
 
 SPACING = (0.8, 0.8, 2.5)
+
+
 LABELS = SYNTHETIC_LABELS
+
+
 _MTIME = 946684800  # 2000-01-01, fixed so the tar bytes never depend on the clock
+
+
 _HU_AIR, _HU_BODY, _HU_BONE, _HU_LIVER, _HU_LESION = -1000.0, 40.0, 450.0, 60.0, 10.0
+
+
 _NOISE_HU = 15.0
+
+
 # a minimal AppleDouble header ("Mac OS X" resource fork stub), like the official archives' junk
 _APPLE_DOUBLE = (
     bytes.fromhex("00051607" "00020000") + b"Mac OS X        " + (1).to_bytes(2, "big")
@@ -151,7 +161,7 @@ def make_synthetic_task(archive: Path, *, n_train: int = 12, n_test: int = 2, se
     dataset = {
         "name": "SyntheticLiver",
         "description": "Synthetic CT phantoms (body, liver, lesion) for the msdseg demo",
-        "reference": "msdseg.synthetic (generated)",
+        "reference": "msdseg.data.synthetic (generated)",
         "licence": "CC0 1.0",
         "release": "1.0",
         "tensorImageSize": "3D",

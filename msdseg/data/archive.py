@@ -23,10 +23,19 @@ from msdseg.errors import ArchiveError
 
 log = logging.getLogger(__name__)
 
+
 _BLOCK = tarfile.BLOCKSIZE
+
+
 _MAC_JUNK_PREFIXES = ("._", ".DS_Store")
+
+
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
 _FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.10.12
 
 

@@ -40,6 +40,7 @@ from msdseg.metrics import METRIC_COLUMNS
 
 SUMMARY_COLUMNS = ["fold", "label", "class_name", "n", "mean", "std", "median", "min", "max", "held_out"]
 
+
 _METRIC_DTYPES = {
     "subject": "string",
     "label": "int64",

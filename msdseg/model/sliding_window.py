@@ -1,6 +1,6 @@
 """Sliding-window probabilities with torchio's GridSampler/GridAggregator.
 
-One function serves validation during training and the infer rule (msdseg.predict builds the
+One function serves validation during training and the infer rule (msdseg.infer.predict builds the
 original geometry, fold ensembling and the out-of-memory fallback on top of it).
 Patches travel to the device in batches and their softmax comes straight back to the CPU, where
 the aggregator lives: the whole probability volume never has to fit on the GPU.
@@ -21,7 +21,8 @@ import torchio as tio
 from torch import nn
 
 from msdseg.config import check_overlap
-from msdseg.data import IMAGE, PadToAtLeast
+from msdseg.data.subjects import IMAGE, PadToAtLeast
+from msdseg.grid import default_overlap
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -34,11 +35,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     from msdseg.devices import resolve_precision
 
     return resolve_precision(precision, device)
-
-
-def default_overlap(patch_size: Sequence[int]) -> tuple[int, int, int]:
-    """Half the patch on each axis, rounded down to an even number (torchio needs even overlaps)."""
-    return tuple(int(p) // 2 - (int(p) // 2) % 2 for p in patch_size)  # type: ignore[return-value]
 
 
 def grid_overlap(infer: Mapping[str, Any], patch_size: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -156,7 +152,7 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities ``(n_classes, x, y, z)`` float32 on the CPU for a preprocessed image.
 
-    ``image`` is ``(C, x, y, z)`` after :func:`msdseg.data.preprocessing`. Volumes smaller than the
+    ``image`` is ``(C, x, y, z)`` after :func:`msdseg.data.normalize.preprocessing`. Volumes smaller than the
     patch are padded like in training and cropped back. ``overlap`` None = half the patch.
     ``device`` None = where the model is; ``amp``: auto/fp32/bf16/fp16 (see :func:`autocast_dtype`).
     ``tta``: True averages over all mirrorings of x, y (and z in 3D), a sequence of axes (e.g. the

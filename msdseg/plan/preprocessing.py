@@ -1,7 +1,7 @@
 """The plans: preprocessing (plan.json) from the training set's fingerprint.
 
 plan.json holds what resampling and intensity preprocessing need (target spacing,
-normalisation); :mod:`msdseg.planner` turns the same fingerprint, the device and the time budget
+normalisation); :mod:`msdseg.plan.training` turns the same fingerprint, the device and the time budget
 into the training plan (network, patch, batch, iterations). Two files, so that a change of a
 training setting never redoes resampling.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msdseg import io
+from msdseg import files
 from msdseg.config import load_config
 from msdseg.decathlon import TASKS, DatasetInfo, foreground_labels, label_json
 from msdseg.errors import DatasetError
@@ -24,8 +24,12 @@ from msdseg.errors import DatasetError
 if TYPE_CHECKING:  # annotations only
     import pandas as pd
 
+
 ANISOTROPY = 3.0  # nnU-Net: an axis whose spacing is over 3x the others' is treated as low resolution
+
+
 ZERO_BACKGROUND = 0.25  # share of voxels exactly 0 above which the background is taken to be 0 (masked z-score)
+
 
 PLAN_KEYS = (
     "task",
@@ -172,11 +176,9 @@ def _ct_statistics(training: pd.DataFrame, dataset: DatasetInfo,
 
 def write_plan(plan: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write plan.json atomically with sorted keys (same plan, same bytes)."""
-    io.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n", path)
+    files.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n", path)
 
 
 def read_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read plan.json, checking it has every key this version writes."""
-    return io.read_checked_json(path, PLAN_KEYS)
-
-
+    return files.read_checked_json(path, PLAN_KEYS)

@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from msdseg.errors import ModelError
-from msdseg.io import atomic_path
+from msdseg.files import atomic_path
 from msdseg.provenance import git_commit, library_versions
 
 FORMAT = "msdseg-model/1"
+
+
 MAX_CHANNELS = 320  # nnU-Net's cap: deeper levels stop doubling here to bound memory
 
 

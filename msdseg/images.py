@@ -1,15 +1,8 @@
-"""Reading and writing images and files: one place, atomic writes.
-
-Arrays in msdseg are indexed (x, y, z) like nibabel and torchio; SimpleITK's GetArrayFromImage
-returns (z, y, x), so every conversion goes through :func:`to_xyz` / :func:`image_from_xyz`.
-"""
+"""Image I/O and geometry: SimpleITK/NIfTI reading and writing, (x, y, z) arrays, headers, label volumes."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,62 +11,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import SimpleITK as sitk
 
+from msdseg.decathlon import NIFTI_SUFFIXES
 from msdseg.errors import SubjectError
-
-# nibabel is imported where it is used: resampling jobs read and write with SimpleITK only, and
-# every resampling job would pay for the import (about 0.07 s of a 0.5 s start-up)
+from msdseg.files import atomic_path
 
 if TYPE_CHECKING:  # for annotations only: reading and resampling images does not need pandas
-    import pandas as pd
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
-
-    A crash, a full disk or an exception leaves no file at ``final`` that a rerun would trust.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffixes so writers that look at them (".nii.gz") still pick the right format
-    suffix = "".join(final.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException as error:
-        disk_full = _nearly_full(final.parent)
-        tmp.unlink(missing_ok=True)
-        if disk_full and not isinstance(error, KeyboardInterrupt):
-            # writers report a full disk in their own words (torch: "iostream error"); say it plainly
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while writing {final}: free space on {final.parent} and "
-                "run again (the previous version of the file, if any, is intact)",
-            ) from error
-        raise
-
-
-def _nearly_full(folder: Path, margin_bytes: int = 1 << 20) -> bool:
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < margin_bytes
-
-
-def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write a table atomically, without the index; floats in pandas' default format."""
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-
-
-def write_text(text: str, path: str | os.PathLike[str]) -> None:
-    """Write a small text file (JSON, a checksum) atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    pass
 
 
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:
@@ -124,9 +67,6 @@ def image_from_xyz(array: np.ndarray, reference: sitk.Image | None = None) -> si
         image.SetSpacing(reference.GetSpacing())
         image.SetDirection(reference.GetDirection())
     return image
-
-
-# --------------------------------------------------------------------------- geometry, channels
 
 
 class Geometry(NamedTuple):
@@ -288,7 +228,6 @@ def image_on_grid(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return image
 
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def label_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -334,7 +273,7 @@ def write_labels(labels: np.ndarray, reference_path: Path, out_path: Path,
     """
     import nibabel as nib
 
-    if str(reference_path).endswith(_NIFTI_SUFFIXES) and str(out_path).endswith(_NIFTI_SUFFIXES):
+    if str(reference_path).endswith(NIFTI_SUFFIXES) and str(out_path).endswith(NIFTI_SUFFIXES):
         original = nib.load(str(reference_path))
         header = original.header.copy()
         header.set_data_dtype(np.uint8)
@@ -350,18 +289,3 @@ def write_labels(labels: np.ndarray, reference_path: Path, out_path: Path,
             nib.save(image, str(tmp))
     else:
         write_image(image_on_grid(labels, spatial_geometry(reference)), out_path)
-
-
-def read_checked_json(path: str | os.PathLike[str], keys: Sequence[str]) -> dict:
-    """A JSON file a rule wrote (plan.json), checked for the ``keys`` its reader needs: a file from
-    another version fails here, naming the fix, not deep inside a job."""
-    import json
-
-    from msdseg.errors import DatasetError
-
-    with open(path) as handle:
-        content = json.load(handle)
-    missing = [key for key in keys if key not in content]
-    if missing:
-        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
-    return content

@@ -1,0 +1,78 @@
+"""Writing files so that a rerun never trusts a half-written one, and reading checked JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only: reading and resampling images does not need pandas
+    import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
+
+    A crash, a full disk or an exception leaves no file at ``final`` that a rerun would trust.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffixes so writers that look at them (".nii.gz") still pick the right format
+    suffix = "".join(final.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException as error:
+        disk_full = _nearly_full(final.parent)
+        tmp.unlink(missing_ok=True)
+        if disk_full and not isinstance(error, KeyboardInterrupt):
+            # writers report a full disk in their own words (torch: "iostream error"); say it plainly
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing {final}: free space on {final.parent} and "
+                "run again (the previous version of the file, if any, is intact)",
+            ) from error
+        raise
+
+
+def _nearly_full(folder: Path, margin_bytes: int = 1 << 20) -> bool:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < margin_bytes
+
+
+def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write a table atomically, without the index; floats in pandas' default format."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write a small text file (JSON, a checksum) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_checked_json(path: str | os.PathLike[str], keys: Sequence[str]) -> dict:
+    """A JSON file a rule wrote (plan.json), checked for the ``keys`` its reader needs: a file from
+    another version fails here, naming the fix, not deep inside a job."""
+    import json
+
+    from msdseg.errors import DatasetError
+
+    with open(path) as handle:
+        content = json.load(handle)
+    missing = [key for key in keys if key not in content]
+    if missing:
+        raise DatasetError(f"{path}: plan lacks {missing}; delete it so the plan rule writes it again.")
+    return content

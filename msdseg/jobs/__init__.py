@@ -1,0 +1,1 @@
+"""Cohort-scale job shaping for Snakemake: chunking, cost estimates, GPU slots and per-chunk workers."""

@@ -1,0 +1,1 @@
+"""Stage 5: Dice tables per subject and class, summaries and plots."""
