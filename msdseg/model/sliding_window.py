@@ -174,10 +174,7 @@ def predict_probabilities(
     flips = _flip_sets(tta, spatial_dims)
 
     spatial_shape = tuple(image.shape[1:])
-    padding = PadToAtLeast.padding_for(spatial_shape, patch)
-    volume = image.detach().to("cpu", torch.float32)
-    if any(padding):  # as PadToAtLeast in training: centred, zeros; F.pad lists the last axis first
-        volume = F.pad(volume, [*padding[4:6], *padding[2:4], *padding[0:2]])
+    volume, padding = _padded_to_patch(image, patch)
     sampler = tio.GridSampler(tio.Subject(**{IMAGE: tio.ScalarImage(tensor=volume)}), patch, lap)
     aggregator = LeanGridAggregator(sampler, overlap_mode=overlap_mode)
     pin = device.type == "cuda"
@@ -194,16 +191,7 @@ def predict_probabilities(
             for x, locations in grid_batches(volume, sampler.locations, batch_size):
                 with torch.inference_mode():
                     x = (x.pin_memory() if pin else x).to(device, non_blocking=True)
-                    probabilities = None
-                    for axes in flips:
-                        x_in = x.flip(axes) if axes else x
-                        with autocast:
-                            logits = model(x_in)
-                        p = torch.softmax(logits.float(), dim=1)
-                        p = p.flip(axes) if axes else p
-                        probabilities = p if probabilities is None else probabilities.add_(p)
-                    if len(flips) > 1:
-                        probabilities.div_(len(flips))
+                    probabilities = _mirror_averaged_softmax(model, x, flips, autocast)
                 aggregator.add_batch(probabilities.cpu(), locations)
     finally:
         if was_training:
@@ -216,3 +204,29 @@ def predict_probabilities(
     crop = tuple(slice(start, start + size) for start, size in zip(lo, spatial_shape))
     # a view: only volumes smaller than the patch are padded, so the hidden margin is small
     return output[(slice(None), *crop)]
+
+
+def _padded_to_patch(image: torch.Tensor, patch: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The image as float32 on the CPU, padded as PadToAtLeast pads in training (centred, zeros)."""
+    padding = PadToAtLeast.padding_for(tuple(image.shape[1:]), patch)
+    volume = image.detach().to("cpu", torch.float32)
+    if any(padding):  # F.pad lists the last axis first
+        volume = F.pad(volume, [*padding[4:6], *padding[2:4], *padding[0:2]])
+    return volume, padding
+
+
+def _mirror_averaged_softmax(
+    model: nn.Module, x: torch.Tensor, flips: list[tuple[int, ...]], autocast: contextlib.AbstractContextManager
+) -> torch.Tensor:
+    """Softmax of the batch averaged over the mirrorings in ``flips``, each undone before adding."""
+    probabilities = None
+    for axes in flips:
+        x_in = x.flip(axes) if axes else x
+        with autocast:
+            logits = model(x_in)
+        p = torch.softmax(logits.float(), dim=1)
+        p = p.flip(axes) if axes else p
+        probabilities = p if probabilities is None else probabilities.add_(p)
+    if len(flips) > 1:
+        probabilities.div_(len(flips))
+    return probabilities
