@@ -32,6 +32,15 @@ from helpers import HIPPOCAMPUS_LABELS, plan, tiny_config, training_rows
 from loopback import LoopbackServer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the longest slow test (a workflow run on real data) takes ~6 min on 2 cores; three times that
+SLOW_TEST_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests get a longer timeout than pyproject's default, unless they set their own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
 
 
 @pytest.fixture

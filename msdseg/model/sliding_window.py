@@ -164,11 +164,7 @@ def predict_probabilities(
         raise ValueError(f"predict_probabilities expects a (C, x, y, z) image, got shape {tuple(image.shape)}")
     patch = tuple(int(p) for p in patch_size)
     lap = default_overlap(patch) if overlap is None else tuple(int(v) for v in overlap)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if next(model.parameters()).device != device:  # .to() walks every module: ~1 ms per call
-        model.to(device)
+    device = _model_on(model, device)
     dtype = autocast_dtype(amp, device)
     spatial_dims = getattr(model, "spatial_dims", getattr(getattr(model, "module", None), "spatial_dims", 3))
     flips = _flip_sets(tta, spatial_dims)
@@ -197,7 +193,21 @@ def predict_probabilities(
         if was_training:
             model.train()
 
-    output = aggregator.get_output_tensor()
+    return _cropped_back(aggregator.get_output_tensor(), padding, spatial_shape)
+
+
+def _model_on(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to predict on (None = where the model is), with the model moved there."""
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if next(model.parameters()).device != device:  # .to() walks every module: ~1 ms per call
+        model.to(device)
+    return device
+
+
+def _cropped_back(output: torch.Tensor, padding: Sequence[int], spatial_shape: Sequence[int]) -> torch.Tensor:
+    """The prediction of a padded volume cropped back to the volume's own shape."""
     if not any(padding):
         return output
     lo = padding[0::2]
