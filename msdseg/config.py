@@ -92,6 +92,23 @@ def _validator_filling_defaults() -> type:
     return jsonschema.validators.extend(base, {"properties": set_defaults})
 
 
+def section_defaults(section: str) -> dict[str, Any]:
+    """Every default of one top-level config section, as the schema states it (the only copy).
+
+    For callers of the Python API that pass a partial section, e.g. ``{"tta": True}`` as ``infer``:
+    ``{**section_defaults("infer"), **infer}`` is what the workflow's validated config would hold.
+    """
+    return copy.deepcopy(_section_defaults(section))
+
+
+@functools.cache
+def _section_defaults(section: str) -> dict[str, Any]:
+    subschema = _parsed_schema()["properties"][section]
+    filled: dict[str, Any] = {}
+    _validator_filling_defaults()(subschema).validate(filled)
+    return filled
+
+
 def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(part) for part in error.absolute_path) or "<top level>"
 

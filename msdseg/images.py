@@ -164,7 +164,7 @@ def scan_nifti(path: str | os.PathLike[str]) -> NiftiScan:
     """
     import nibabel as nib
 
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
         return NiftiScan(0, 0)
     try:
         proxy = nib.load(str(path)).dataobj  # the loaded header's vox_offset is reset; the proxy keeps the file's

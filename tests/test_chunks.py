@@ -5,6 +5,7 @@ And what a stage's job imports: resampling needs neither pandas nor torch, the D
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -16,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from msdseg.config import load_config
 from msdseg.errors import DatasetError
 from msdseg.grid import grid_patch_count
 from msdseg.infer import cases as input_cases
@@ -67,13 +69,15 @@ def test_target_keeps_start_up_under_a_tenth():
 
 
 def test_estimates_grow_with_voxels_models_and_mirroring():
-    config = {"preprocess": {"spacing": "median"}, "train": {"patch_size": [32, 32, 16]},
-              "model": {"base_channels": 16}}
+    config = load_config({"task": "Task04_Hippocampus", "preprocess": {"spacing": "median"},
+                          "train": {"patch_size": [32, 32, 16]}, "model": {"base_channels": 16}})
     small = costs.infer_seconds((40, 40, 20), (1.0, 1.0, 1.0), config, 1)
     large = costs.infer_seconds((400, 400, 200), (1.0, 1.0, 1.0), config, 1)
     assert large > 100 * small
     assert costs.infer_seconds((400, 400, 200), (1.0, 1.0, 1.0), config, 5) > 4 * large
-    mirrored = {**config, "infer": {"tta": True}, "train": {**config["train"], "augmentation": {"flip_axes": [0]}}}
+    mirrored = copy.deepcopy(config)
+    mirrored["infer"]["tta"] = True
+    mirrored["train"]["augmentation"]["flip_axes"] = [0]
     assert costs.infer_seconds((400, 400, 200), (1.0, 1.0, 1.0), mirrored, 1) > 1.8 * large
     # a fixed spacing halving the resolution of a 1 mm image: 1/8 of the voxels
     assert costs.resampled_shape((100, 100, 50), (1.0, 1.0, 1.0), {"spacing": [2.0, 2.0, 2.0]}) == (50, 50, 25)

@@ -21,47 +21,23 @@ import numpy as np
 import pandas as pd
 
 from msdseg import files
+from msdseg.data.manifest_format import (
+    EXCLUDED_COLUMNS,
+    LIST_COLUMNS,
+    REBUILD_HINT,
+    STAT_COLUMNS,
+    decode_list,
+    manifest_columns,
+    read_rows,
+    voxel_column_label,
+    voxel_columns,
+)
 from msdseg.data.subject_checks import _SKIP_HINT, _inspect, _Invalid
 from msdseg.decathlon import DatasetInfo, label_map
 from msdseg.errors import ConfigError, DatasetError, SubjectError
 from msdseg.logs import say
 
 ON_INVALID = ("error", "skip")
-
-
-LIST_COLUMNS = ("shape", "spacing", "origin", "direction")
-
-
-STAT_COLUMNS = (
-    "intensity_mean",
-    "intensity_std",
-    "intensity_min",
-    "intensity_max",
-    "fg_mean",
-    "fg_std",
-    "fg_p00_5",
-    "fg_p99_5",
-    "zero_fraction",
-)
-
-
-EXCLUDED_COLUMNS = ["subject", "role", "file", "reason"]
-
-
-def manifest_columns(labels: Mapping[int, str] | Sequence[int]) -> list[str]:
-    """The fixed column order of manifest.csv for a dataset's labels (``voxels_<label value>``)."""
-    voxel_columns = [f"voxels_{key}" for key in sorted(int(k) for k in labels)]
-    return [
-        "subject",
-        "role",
-        "fold",
-        "image",
-        "label",
-        "n_channels",
-        *LIST_COLUMNS,
-        *voxel_columns,
-        *STAT_COLUMNS,
-    ]
 
 
 def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, int]:
@@ -170,10 +146,6 @@ def build_manifest(
     return manifest, excluded_table
 
 
-def _voxel_columns(columns: Sequence[str]) -> list[str]:
-    return [c for c in columns if c.startswith("voxels_")]
-
-
 def _typed(table: pd.DataFrame) -> pd.DataFrame:
     """The one set of dtypes of a manifest, so build_manifest and read_manifest agree exactly."""
     table = table.reset_index(drop=True)
@@ -181,7 +153,7 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
         table[column] = table[column].astype(str)
     for column in ("fold", "n_channels"):
         table[column] = table[column].astype(np.int64)
-    for column in _voxel_columns(table.columns):
+    for column in voxel_columns(table.columns):
         table[column] = table[column].astype("Int64")
     for column in STAT_COLUMNS:
         table[column] = table[column].astype(np.float64)
@@ -216,8 +188,7 @@ def _csv_text(table: pd.DataFrame, columns: Sequence[str]) -> str:
 
 def write_manifest(manifest: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """Write manifest.csv atomically; the same table always gives the same bytes."""
-    voxel_columns = sorted(_voxel_columns(manifest.columns), key=lambda c: int(c.split("_", 1)[1]))
-    columns = manifest_columns([int(c.split("_", 1)[1]) for c in voxel_columns])
+    columns = manifest_columns([voxel_column_label(c) for c in voxel_columns(manifest.columns)])
     missing = [c for c in columns if c not in manifest.columns]
     if missing:
         raise ValueError(f"manifest lacks columns {missing}")
@@ -231,18 +202,16 @@ def write_excluded(excluded: pd.DataFrame, path: str | os.PathLike[str]) -> None
 
 def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read manifest.csv with its list cells decoded (``[0.8, 0.8, 2.5]`` -> list) and typed columns."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    expected = manifest_columns([int(c.split("_", 1)[1]) for c in _voxel_columns(table.columns)])
-    if list(table.columns) != expected:
-        raise DatasetError(
-            f"{path}: columns {list(table.columns)} are not those of a manifest ({expected}); "
-            "delete the file so the manifest rule writes it again."
-        )
+    header, rows = read_rows(path, [])
+    expected = manifest_columns([voxel_column_label(c) for c in voxel_columns(header)])
+    if header != expected:
+        raise DatasetError(f"{path}: columns {header} are not those of a manifest ({expected}); {REBUILD_HINT}.")
+    table = pd.DataFrame(rows, columns=header, dtype=str)
     for column in LIST_COLUMNS:
-        table[column] = pd.Series([json.loads(v) for v in table[column]], index=table.index, dtype=object)
+        table[column] = pd.Series([decode_list(v) for v in table[column]], index=table.index, dtype=object)
     for column in ("fold", "n_channels"):
         table[column] = table[column].map(int)
-    for column in _voxel_columns(table.columns):
+    for column in voxel_columns(table.columns):
         table[column] = pd.array([int(v) if v != "" else pd.NA for v in table[column]], dtype="Int64")
     for column in STAT_COLUMNS:
         table[column] = [float(v) if v != "" else math.nan for v in table[column]]

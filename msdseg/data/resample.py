@@ -94,7 +94,7 @@ def resample_subject(
     """
     if (label_in is None) != (label_out is None):
         raise ValueError("give both label_in and label_out, or neither")
-    interpolator = _INTERPOLATORS[plan.get("image_interpolation", "linear")]
+    interpolator = _INTERPOLATORS[plan["image_interpolation"]]
     clip = plan.get("clip")
 
     image = images.read_image(image_in)

@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from msdseg.config import section_defaults
 from msdseg.data.normalize import preprocessing
 from msdseg.data.resample import channels_on_reference
 from msdseg.data.subjects import IMAGE, subjects_from_paths
@@ -88,7 +89,7 @@ def tta_axes(infer: Mapping[str, Any], meta: Mapping[str, Any]) -> bool | list[i
     along one axis, so only left-right is flipped in training) would average in predictions of
     an anatomy the model does not know. Checkpoints without ``mirror_axes`` mirror all axes.
     """
-    if not infer.get("tta", False):
+    if not infer["tta"]:
         return False
     axes = meta.get("mirror_axes")
     if axes is None:
@@ -131,15 +132,15 @@ def predict_with_fallback(
     from msdseg.devices import is_out_of_memory, resolve_precision
     from msdseg.model import sliding_window
 
-    precision = str(infer.get("precision", "auto"))
+    precision = str(infer["precision"])
     resolve_precision(precision, torch.device(device), key="infer.precision")  # a wrong one fails here, named
-    tries = _attempts(device, int(infer.get("batch_size", 1)))
+    tries = _attempts(device, int(infer["batch_size"]))
     for attempt, (where, batch_size) in enumerate(tries):
         try:
             model.to(where)
             return sliding_window.predict_probabilities(
                 model, image, patch_size, overlap, batch_size, where,
-                overlap_mode=infer.get("overlap_mode", "hann"), tta=tta, amp=precision,
+                overlap_mode=infer["overlap_mode"], tta=tta, amp=precision,
             )
         except Exception as error:
             if not is_out_of_memory(error):
@@ -267,7 +268,11 @@ def predict_loaded(
     infer: Mapping[str, Any],
     device: str,
 ) -> None:
-    """:func:`predict_subject` with models already loaded (:func:`load_models`): same steps, same bytes."""
+    """:func:`predict_subject` with models already loaded (:func:`load_models`): same steps, same bytes.
+
+    ``infer`` may be partial; what it lacks takes the schema's default.
+    """
+    infer = {**section_defaults("infer"), **infer}
     subject = _read_image(Path(image_path))
     check_models([(path, meta) for path, _, meta in loaded], Path(image_path), int(subject[IMAGE].data.shape[0]))
     source = _grid(Path(image_path))
@@ -291,7 +296,7 @@ def predict_loaded(
         _check_spacing(meta, source, Path(image_path), path)
         patch, overlap = grid_settings(infer, meta)
         logger.info("%s: %s, patch %s, overlap %s, %s, tta %s, device %s", name, path, patch, overlap,
-                    infer.get("overlap_mode", "hann"), tta_axes(infer, meta), device)
+                    infer["overlap_mode"], tta_axes(infer, meta), device)
         # inference mode also for the sums: the probabilities may be inference tensors, which
         # refuse in-place updates outside it (a clone would cost a probability volume)
         with torch.inference_mode():

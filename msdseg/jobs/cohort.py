@@ -3,15 +3,13 @@ parsed once per version of manifest.csv."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from msdseg.errors import DatasetError
+from msdseg.data.manifest_format import SCHEDULING_COLUMNS, decode_list, read_rows
 
 T = TypeVar("T")
 
@@ -57,29 +55,22 @@ class Cohort:
         return self.memo[key]
 
 
-_REQUIRED = ("subject", "role", "fold", "image", "label", "n_channels", "shape", "spacing")
-
-
 def read_cohort(path: str | os.PathLike[str]) -> Cohort:
-    """manifest.csv as a :class:`Cohort`, with the csv module (no pandas): 10,000 rows in about 0.1 s."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetError(f"{path}: lacks columns {missing}; delete it so the manifest rule writes it again.")
-        subjects = tuple(
-            Subject(
-                subject=row["subject"],
-                role=row["role"],
-                fold=int(row["fold"]),
-                image=row["image"],
-                label=row["label"],
-                n_channels=int(row["n_channels"]),
-                shape=tuple(int(v) for v in json.loads(row["shape"])),
-                spacing=tuple(float(v) for v in json.loads(row["spacing"])),
-            )
-            for row in reader
+    """manifest.csv as a :class:`Cohort`, without pandas: 10,000 rows in about 0.1 s."""
+    _, rows = read_rows(path, SCHEDULING_COLUMNS)
+    subjects = tuple(
+        Subject(
+            subject=row["subject"],
+            role=row["role"],
+            fold=int(row["fold"]),
+            image=row["image"],
+            label=row["label"],
+            n_channels=int(row["n_channels"]),
+            shape=tuple(int(v) for v in decode_list(row["shape"])),
+            spacing=tuple(float(v) for v in decode_list(row["spacing"])),
         )
+        for row in rows
+    )
     return Cohort(subjects, {s.subject: s for s in subjects})
 
 

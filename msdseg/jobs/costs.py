@@ -94,20 +94,23 @@ def resample_seconds(subject: Subject, preprocess: Mapping[str, Any], with_label
 
 def mirrored_passes(config: Mapping[str, Any]) -> int:
     """Forward passes per patch: 1, or 2**axes with mirroring test-time augmentation."""
-    if not config.get("infer", {}).get("tta", False):
+    if not config["infer"]["tta"]:
         return 1
-    augmentation = config.get("train", {}).get("augmentation", {})
-    axes = augmentation.get("flip_axes", [0, 1, 2]) if augmentation.get("flip", True) else []
+    augmentation = config["train"]["augmentation"]
+    axes = augmentation["flip_axes"] if augmentation["flip"] else []
     return 2 ** len(axes) if axes else 1
 
 
 def infer_seconds(shape: Sequence[int], spacing: Sequence[float], config: Mapping[str, Any], n_models: int) -> float:
-    """Estimated inference time of one image of ``shape`` and ``spacing`` with ``n_models`` models."""
-    infer, train, model = config.get("infer", {}), config.get("train", {}), config.get("model", {})
-    grid = resampled_shape(shape, spacing, config.get("preprocess", {}))
-    patch = list(infer.get("patch_size") or train.get("patch_size") or [64, 64, 32])
-    patch_voxels = grid_patch_count(grid, patch, infer.get("overlap")) * math.prod(patch)
-    width = (float(model.get("base_channels", 16)) / 16.0) ** INFER_WIDTH_EXPONENT
+    """Estimated inference time of one image of ``shape`` and ``spacing`` with ``n_models`` models.
+
+    ``config`` is validated (:func:`msdseg.config.load_config`): the schema's defaults are the only defaults.
+    """
+    infer = config["infer"]
+    grid = resampled_shape(shape, spacing, config["preprocess"])
+    patch = list(infer["patch_size"] or config["train"]["patch_size"])
+    patch_voxels = grid_patch_count(grid, patch, infer["overlap"]) * math.prod(patch)
+    width = (float(config["model"]["base_channels"]) / 16.0) ** INFER_WIDTH_EXPONENT
     network = INFER_S_PER_PATCH_VOXEL * patch_voxels * width * mirrored_passes(config) * max(n_models, 1)
     return INFER_FIXED_S + INFER_S_PER_ORIGINAL_VOXEL * math.prod(shape[:3]) + network
 
@@ -146,7 +149,7 @@ def case_seconds(case: Case, config: Mapping[str, Any], n_models: int) -> float:
     spatial, spacing3 = shape[:3], (tuple(spacing[:3]) + (1.0, 1.0, 1.0))[:3]
     channels = (shape[3] if len(shape) > 3 else 1) * len(case.files)
     resample = RESAMPLE_FIXED_S + RESAMPLE_S_PER_VOXEL * channels * math.prod(
-        resampled_shape(spatial, spacing3, config.get("preprocess", {})))
+        resampled_shape(spatial, spacing3, config["preprocess"]))
     return resample + infer_seconds(spatial, spacing3, config, n_models)
 
 

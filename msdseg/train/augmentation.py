@@ -18,7 +18,7 @@ def mirror_axes(options: Mapping[str, Any], spatial_dims: int) -> tuple[int, ...
     """
     if not options["flip"]:
         return ()
-    axes = options.get("flip_axes", (0, 1, 2))
+    axes = options["flip_axes"]
     return tuple(sorted(int(a) for a in axes if not (spatial_dims == 2 and int(a) == 2)))
 
 

@@ -38,7 +38,7 @@ def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Ma
     when available. Process-wide torch settings (threads, determinism, cuDNN) are restored after.
     ``train.devices`` > 1: DDP in that many worker processes (:func:`~msdseg.train.spawn.spawn`).
     """
-    devices = int(config["train"].get("devices", 1))
+    devices = int(config["train"]["devices"])
     if devices > 1:
         return spawn(train_subjects, val_subjects, plan, config, Path(out_dir), fold, threads, device, devices)
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
