@@ -19,6 +19,7 @@ from msdseg.model.unet import load_model
 from msdseg.plan.budget import TARGET_ITERATIONS, settle_budget
 from msdseg.plan.fingerprint import DeviceSpec, published_fingerprint
 from msdseg.plan.network import Network, context_floor, network_for
+from msdseg.plan.preprocessing import median_target_spacing
 from msdseg.plan.record import apply_plan
 from msdseg.plan.training import plan_training
 from msdseg.train import loop as train_loop
@@ -35,15 +36,44 @@ def flop_probe(seconds_per_gflop: float = 0.02) -> Any:
     return probe
 
 
-@pytest.mark.parametrize("task", sorted(NNUNET_PLANS))
+# nnU-Net's published 3d_fullres plans for the ten MSD tasks, patch [x, y, z] in voxels and target
+# spacing [x, y, z] in mm, as copied by MONAI's dynunet_pipeline
+# (github.com/Project-MONAI/tutorials, modules/dynunet_pipeline/task_params.py: patch_size, spacing).
+# Typed here on purpose: the reference must not come from the project's own tables.
+NNUNET_PUBLISHED = {
+    "Task01_BrainTumour": ([128, 128, 128], [1.0, 1.0, 1.0]),
+    "Task02_Heart": ([160, 192, 80], [1.25, 1.25, 1.37]),
+    "Task03_Liver": ([128, 128, 128], [0.77, 0.77, 1.0]),
+    "Task04_Hippocampus": ([40, 56, 40], [1.0, 1.0, 1.0]),
+    "Task05_Prostate": ([320, 256, 20], [0.62, 0.62, 3.6]),
+    "Task06_Lung": ([192, 160, 80], [0.79, 0.79, 1.24]),
+    "Task07_Pancreas": ([224, 224, 40], [0.8, 0.8, 2.5]),
+    "Task08_HepaticVessel": ([192, 192, 64], [0.8, 0.8, 1.5]),
+    "Task09_Spleen": ([192, 160, 64], [0.79, 0.79, 1.6]),
+    "Task10_Colon": ([192, 160, 56], [0.78, 0.78, 3.0]),
+}
+
+
+def test_the_benchmarks_nnunet_table_is_the_published_one() -> None:
+    """benchmarks/plan_table.py prints the planner beside msdseg.decathlon.NNUNET_PLANS: no typo there."""
+    assert {task: ([*patch], [*spacing]) for task, (patch, spacing) in NNUNET_PLANS.items()} == NNUNET_PUBLISHED
+
+
+@pytest.mark.parametrize("task", sorted(NNUNET_PUBLISHED))
 def test_plans_agree_with_nnunet_on_spacing_and_gpu_patch(task: str) -> None:
+    """On a 24 GB GPU the planner lands near nnU-Net: same spacing (3%), each patch axis within 0.6-1.5x.
+
+    Measured: every axis between 0.67x (Spleen x) and 1.25x (Spleen z); the whole patch 0.51-1.0x.
+    """
     fingerprint = published_fingerprint(TASKS[task])
-    patch, spacing = NNUNET_PLANS[task]
+    patch, spacing = NNUNET_PUBLISHED[task]
     assert np.allclose(fingerprint.target_spacing, spacing, rtol=0.03), (fingerprint.target_spacing, spacing)
     gpu = plan_training(fingerprint, GPU_24GB, 60, {})
     planned = gpu.value("train.patch_size")
+    per_axis = [p / q for p, q in zip(planned, patch)]
+    assert all(0.6 <= r <= 1.5 for r in per_axis), f"{task}: planned {planned} vs nnU-Net {patch} ({per_axis})"
     ratio = float(np.prod(planned)) / float(np.prod(patch))
-    assert 0.5 <= ratio <= 2.0, f"{task}: planned {planned} vs nnU-Net {patch} ({ratio:.2f}x the volume)"
+    assert 0.5 <= ratio <= 1.5, f"{task}: planned {planned} vs nnU-Net {patch} ({ratio:.2f}x the volume)"
     assert gpu.value("train.batch_size") >= 2 and gpu.value("model.spatial_dims") == 3
     assert gpu.value("train.class_weights") is None
     assert sum(gpu.value("train.label_probabilities").values()) == pytest.approx(1.0, abs=1e-3)
@@ -52,6 +82,33 @@ def test_plans_agree_with_nnunet_on_spacing_and_gpu_patch(task: str) -> None:
     assert len(strides) == gpu.value("model.depth")
     for axis in range(3):  # the patch divides by the pooling
         assert planned[axis] % int(np.prod([s[axis] for s in strides])) == 0
+
+
+def test_target_spacing_of_an_anisotropic_cohort_is_its_median() -> None:
+    """Prostate-like 0.6 x 0.6 x 3.6 mm: each axis keeps its own median; nothing becomes isotropic."""
+    spacings = np.array([[0.6, 0.6, 3.6], [0.62, 0.62, 3.6], [0.65, 0.65, 3.6], [0.6, 0.6, 3.6]])
+    shapes = np.array([[320, 320, 20], [320, 320, 18], [256, 256, 24], [320, 320, 20]])
+    assert median_target_spacing(spacings, shapes) == pytest.approx([0.61, 0.61, 3.6])
+
+
+def test_target_spacing_of_thick_and_thin_slices_takes_the_thin_tenth() -> None:
+    """A mixed cohort: 5 mm slices in most scans, 1.5 mm in a few. z is over 3x coarser and has under a
+    third of the in-plane voxels, so z takes the 10th percentile (nnU-Net's rule), not the 5 mm median."""
+    z = [5.0] * 8 + [1.5, 1.5]
+    spacings = np.array([[0.8, 0.8, s] for s in z])
+    shapes = np.array([[512, 512, 60 if s == 5.0 else 200] for s in z])
+    target = median_target_spacing(spacings, shapes)
+    assert target[:2] == pytest.approx([0.8, 0.8])
+    assert target[2] == pytest.approx(float(np.percentile(z, 10))) and target[2] == pytest.approx(1.5)
+    # the same cohort without the thin scans is a plain median again
+    assert median_target_spacing(spacings[:8], shapes[:8]) == pytest.approx([0.8, 0.8, 5.0])
+
+
+def test_target_spacing_never_goes_finer_than_the_in_plane_axes() -> None:
+    """Two 0.5 mm scans among 5 mm ones: the 10th percentile is 0.5 mm, but z stops at the in-plane 1 mm."""
+    spacings = np.array([[1.0, 1.0, 5.0]] * 8 + [[1.0, 1.0, 0.5]] * 2)
+    shapes = np.array([[256, 256, 30]] * 10)
+    assert median_target_spacing(spacings, shapes) == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_anisotropic_tasks_pool_in_plane_first() -> None:
