@@ -3,7 +3,7 @@
 On a CUDA machine, in a temporary folder (or ``--workdir``):
 
 1. the workflow's data stages for the synthetic demo (Snakemake, up to the resampled subjects);
-2. fold 0 trained for ``--iterations`` on one GPU (taken with :func:`msdseg.devices.gpu_slot`, so
+2. fold 0 trained for ``--iterations`` on one GPU (taken with :func:`msdseg.jobs.gpu_slots.gpu_slot`, so
    running workflow jobs are not disturbed) with ``train.precision: auto``, i.e. bf16 or fp16
    autocast, whichever the GPU computes natively: median step time, peak GPU memory, precision;
 3. the same with ``train.deterministic: false`` (cuDNN benchmark on): what the default

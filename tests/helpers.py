@@ -9,6 +9,7 @@ Builders
 - :func:`training_rows`: the training subjects of an extracted task as rows for ``msdseg.train``.
 
 Checks that the package itself does not need
+- :func:`assert_dice_floors`: every class's mean Dice in dice_summary.csv at least its floor (NaN fails).
 - :func:`predicted_volumes`, :func:`resample_to_reference`, :func:`resample_label_to_reference`.
 """
 
@@ -82,6 +83,19 @@ def training_rows(task_dir: Path, n: int | None = None) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def assert_dice_floors(summary_csv: Path, floors: Mapping[str, float], fold: str = "all") -> None:
+    """Each class's mean Dice over ``fold`` (default: all folds) in dice_summary.csv is at least its floor.
+
+    A NaN mean (a class never scored, or a broken metric) fails: NaN is never >= a floor. Floors
+    are set from measured runs with a margin (quoted beside each call).
+    """
+    summary = pd.read_csv(summary_csv, dtype={"fold": str})
+    rows = summary[summary["fold"] == fold].set_index("class_name")
+    measured = {name: float(rows.loc[name, "mean"]) if name in rows.index else float("nan") for name in floors}
+    below = {name: value for name, value in measured.items() if not value >= floors[name]}
+    assert not below, f"{summary_csv}: mean Dice {measured} below the floors {dict(floors)} for {sorted(below)}"
 
 
 def predicted_volumes(prediction_paths: Iterable[str | os.PathLike[str]], labels: Mapping[Any, str]) -> pd.DataFrame:

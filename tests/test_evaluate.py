@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from msdseg.errors import SubjectError
 from msdseg.files import write_csv
 from msdseg.metrics import METRIC_COLUMNS
 from msdseg.report.plots import (
@@ -145,7 +146,7 @@ def test_best_and_worst_and_overlays(metrics_by_fold, tmp_path):
     assert out.stat().st_size > 10000
     plot_overlays([], tmp_path / "none.png")
     assert (tmp_path / "none.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="one grid"):
+    with pytest.raises(SubjectError, match="one grid"):
         bad = OverlayCase("c", paths["c"]["image"], paths["c"]["ref"], tmp_path / "small.nii.gz")
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), affine), str(bad.prediction))
         plot_overlays([bad], tmp_path / "bad.png")

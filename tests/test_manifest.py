@@ -24,7 +24,7 @@ from msdseg.data.manifest import (
     write_manifest,
 )
 from msdseg.decathlon import DatasetInfo, read_dataset_json
-from msdseg.errors import ConfigError, SubjectError
+from msdseg.errors import ConfigError, DatasetError, SubjectError
 
 EXPECTED_COLUMNS = [
     "subject", "role", "fold", "image", "label", "n_channels", "shape", "spacing", "origin",
@@ -52,7 +52,7 @@ def test_assign_folds_is_deterministic_balanced_and_order_independent() -> None:
     assert folds == assign_folds(list(reversed(ids)), n_folds=5, seed=3)
     assert sorted(np.bincount(list(folds.values()))) == [4, 4, 5, 5, 5]
     assert folds != assign_folds(ids, n_folds=5, seed=4)
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(DatasetError, match="unique"):
         assign_folds(["a", "a", "b"], n_folds=2, seed=0)
 
 
@@ -300,5 +300,5 @@ def test_a_4d_label_with_one_volume_is_3d_everywhere(hippocampus_dir: Path, tmp_
         build_manifest(read_dataset_json(task), n_folds=2, seed=0)
     with pytest.raises(SubjectError, match="must be 3D"):
         read_label_volume(two)
-    with pytest.raises(ValueError, match="must be 3D"):
+    with pytest.raises(DatasetError, match="must be 3D"):
         resample_subject(_paths(task, subjects[1])["image"], tmp_path / "i2.nii.gz", plan, two, tmp_path / "l2.nii.gz")

@@ -50,9 +50,10 @@ def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, 
     ids = sorted(str(s) for s in subjects)
     if len(set(ids)) != len(ids):
         duplicates = sorted(s for s, n in Counter(ids).items() if n > 1)
-        raise ValueError(f"subject ids must be unique, got duplicates {duplicates}")
+        raise DatasetError(f"subject ids must be unique, got duplicates {duplicates}: "
+                           "dataset.json lists these files twice; remove the repeated entries.")
     if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+        raise ConfigError(f"config key 'manifest.n_folds': at least 2 folds are needed, got {n_folds}.")
     n_folds = min(n_folds, len(ids))
     order = np.random.default_rng(seed).permutation(len(ids))
     return {ids[int(index)]: position % n_folds for position, index in enumerate(order)}
@@ -103,7 +104,7 @@ def build_manifest(
     dataset.json.
     """
     if on_invalid not in ON_INVALID:
-        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+        raise ConfigError(f"config key 'manifest.on_invalid': one of {ON_INVALID}, got {on_invalid!r}.")
     labels = label_map(dataset.labels)
     seen = Counter(s.subject for s in dataset.subjects)
     duplicates = sorted(s for s, n in seen.items() if n > 1)

@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from msdseg import files, images
+from msdseg.errors import DatasetError
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 
@@ -69,11 +70,13 @@ def _resample(image: sitk.Image, grid: images.Geometry, interpolator: int, pixel
 def _label_volume(label: sitk.Image, path: os.PathLike[str] | str) -> sitk.Image:
     """A label as a 3D scalar image (a 4D label with a single volume is accepted)."""
     if label.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: a label map must have one value per voxel")
+        raise DatasetError(f"{path}: a label map must have one value per voxel; fix the file or remove "
+                           "the subject from dataset.json.")
     if label.GetDimension() == 4:
         size = images.label_shape(label.GetSize())
         if len(size) != 3:
-            raise ValueError(f"{path}: a label map must be 3D, got size {size}")
+            raise DatasetError(f"{path}: a label map must be 3D, got size {size}; fix the file or remove "
+                               "the subject from dataset.json.")
         label = sitk.Extract(label, [*size, 0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
     return label
 

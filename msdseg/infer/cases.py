@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msdseg.decathlon import NIFTI_SUFFIXES, subject_id
-from msdseg.errors import DatasetError
+from msdseg.errors import ConfigError, DatasetError
 
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -57,7 +57,7 @@ def group_cases(files: Sequence[str], layout: str = "auto") -> list[Case]:
     case has the same channels 0000..C-1; decathlon otherwise.
     """
     if layout not in ("auto", "decathlon", "nnunet"):
-        raise ValueError(f"predict.layout must be auto, decathlon or nnunet, got {layout!r}")
+        raise ConfigError(f"config key 'predict.layout': auto, decathlon or nnunet, got {layout!r}.")
     if layout in ("auto", "nnunet"):
         grouped: dict[str, dict[int, str]] = {}
         for path in files:

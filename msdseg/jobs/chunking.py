@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from msdseg.errors import DatasetError
+from msdseg.errors import ConfigError, DatasetError
 from msdseg.jobs.cohort import Cohort, Subject, read_cohort
 
 T = TypeVar("T")
@@ -39,7 +39,8 @@ def chunk_size(setting: int | str, costs: Sequence[float], target_s: float) -> i
         return auto_size(costs, target_s)
     size = int(setting)
     if size < 1:
-        raise ValueError(f"subjects_per_job must be at least 1 or 'auto', got {setting!r}")
+        raise ConfigError(f"subjects_per_job must be at least 1 or 'auto', got {setting!r}; "
+                          "set resample.subjects_per_job or infer.subjects_per_job to a positive number or auto.")
     return size
 
 

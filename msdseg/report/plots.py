@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from msdseg.decathlon import label_map  # noqa: E402
+from msdseg.errors import SubjectError  # noqa: E402
 from msdseg.files import atomic_path  # noqa: E402
 
 matplotlib.use("Agg")
@@ -215,10 +216,11 @@ def plot_overlays(
         reference, _ = _canonical(case.reference)
         prediction, _ = _canonical(case.prediction)
         if not (image.shape[:3] == reference.shape == prediction.shape):
-            raise ValueError(
-                f"subject {case.subject}: image {case.image} {image.shape}, reference "
-                f"{case.reference} {reference.shape} and prediction {case.prediction} "
-                f"{prediction.shape} must share one grid"
+            raise SubjectError(
+                case.subject, str(case.prediction),
+                f"image {case.image} {image.shape}, reference {case.reference} {reference.shape} and "
+                f"this prediction {prediction.shape} must share one grid; delete the prediction so "
+                "its infer rule writes it again",
             )
         finite = image[np.isfinite(image)] if np.issubdtype(image.dtype, np.floating) else image
         low, high = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))

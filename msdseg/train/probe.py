@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 from msdseg.devices import default_device
+from msdseg.errors import PlanError
 from msdseg.plan.budget import planned_network, settle_budget
 from msdseg.plan.fingerprint import Fingerprint
 from msdseg.plan.network import Network
@@ -66,8 +67,8 @@ def pipeline_pace(train_rows: Sequence[Mapping[str, Any]], plan: Mapping[str, An
         total_s = time.perf_counter() - started
         steps = pd.read_csv(Path(folder) / LOG)["seconds_per_step"].to_numpy()
     if len(steps) < 2:
-        raise RuntimeError(f"the pipeline probe ran {len(steps)} step(s) in {total_s:.0f} s; "
-                           "raise train.max_minutes or set train.iterations.")
+        raise PlanError(f"the pipeline probe ran {len(steps)} step(s) in {total_s:.0f} s: too slow to "
+                        "measure the pace; raise train.max_minutes or set train.iterations.")
     steady = steps[warmup:] if len(steps) - warmup >= 3 else steps[1:]
     # the mean, not the fastest cycle: where the data bound the step, a cycle the worker had filled
     # ahead reads fast (Task04, 16x24x16: 0.098 s from the fastest cycle, 0.17 s in training)

@@ -28,7 +28,7 @@ ENV = "../../envs/msdseg.yaml"
 # is not known yet while this file is read, and a local run gets --jobs only next to --cores), GPU
 # jobs run on GPU nodes, so they ask for one although the login node has none. Run locally, they
 # ask for one where this machine has a GPU, counted without torch or nvidia-smi
-# (msdseg.devices.local_gpu_count; MSDSEG_GPU_COUNT overrides).
+# (msdseg.jobs.gpu_slots.local_gpu_count; MSDSEG_GPU_COUNT overrides).
 SUBMITS = workflow.resource_settings.nodes is not None
 MACHINE_GPUS = 0 if SUBMITS else local_gpu_count()
 LOCAL_GPU = 1 if SUBMITS or MACHINE_GPUS else 0
@@ -56,7 +56,7 @@ if "gpu" not in workflow.global_resources:
         workflow.global_resources["gpu"] = max(train_gpus(), config["infer"]["gpus"] or LOCAL_GPU)
     elif MACHINE_GPUS:
         # a workstation's GPU count: never more GPU jobs at once than GPUs, a train.devices: N job
-        # counting N; msdseg.devices.gpu_slot gives each job GPUs of its own
+        # counting N; msdseg.jobs.gpu_slots.gpu_slot gives each job GPUs of its own
         workflow.global_resources["gpu"] = MACHINE_GPUS
 
 
