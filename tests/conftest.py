@@ -28,10 +28,9 @@ from typing import Any
 
 import pytest
 
-from helpers import HIPPOCAMPUS_LABELS, plan, tiny_config, training_rows
+from helpers import HIPPOCAMPUS_LABELS, SHARED_DATA, plan, shared_archive, tiny_config, training_rows
 from loopback import LoopbackServer
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # the longest slow test (a workflow run on real data) takes ~6 min on 2 cores; three times that
 SLOW_TEST_TIMEOUT_S = 1200
 
@@ -60,7 +59,12 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def hippocampus_tar(shared_data: Path) -> Path:
-    return shared_data / "Task04_Hippocampus.tar"
+    return shared_archive("Task04_Hippocampus.tar")
+
+
+@pytest.fixture(scope="session")
+def liver_ct_tar(shared_data: Path) -> Path:
+    return shared_archive("Task90_LiverCT.tar")
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,19 @@ SYNTHETIC_LABELS = {0: "background", 1: "liver", 2: "cancer"}
 HIPPOCAMPUS_LABELS = {0: "background", 1: "Anterior", 2: "Posterior"}
 
 
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_archive(name: str) -> Path:
+    """A real archive of ``../shared/data`` beside the checkout; the calling test skips, saying why, without it."""
+    import pytest
+
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(reason=f"real test data {path} not found (expected ../shared/data beside the checkout)")
+    return path
+
+
 # --------------------------------------------------------------------------- builders
 
 

@@ -51,9 +51,9 @@ def test_real_hippocampus_extracts_with_dataset_json(hippocampus_dir: Path) -> N
     assert not list(hippocampus_dir.parent.glob(".*.part"))
 
 
-def test_archive_without_directory_entries(shared_data: Path, tmp_path: Path) -> None:
+def test_archive_without_directory_entries(liver_ct_tar: Path, tmp_path: Path) -> None:
     """Task90 lists files only (no 'Task90_LiverCT/' entry); the top folder is still unwrapped."""
-    out = safe_extract(shared_data / "Task90_LiverCT.tar", tmp_path / "liver")
+    out = safe_extract(liver_ct_tar, tmp_path / "liver")
     assert (out / "dataset.json").is_file() and (out / "imagesTr" / "liverct_001.nii.gz").is_file()
 
 

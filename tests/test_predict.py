@@ -13,7 +13,7 @@ import torch
 import torchio as tio
 
 from helpers import HIPPOCAMPUS_LABELS as HIPPO_LABELS
-from helpers import plan, predicted_volumes
+from helpers import plan, predicted_volumes, shared_archive
 from msdseg.data.normalize import preprocessing
 from msdseg.data.resample import resample_subject
 from msdseg.decathlon import label_json
@@ -24,7 +24,6 @@ from msdseg.model.unet import UNet, load_model, save_model
 
 torch.set_num_threads(1)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INFER = {"patch_size": None, "overlap": None, "overlap_mode": "hann", "batch_size": 2, "tta": False}
 
 
@@ -34,7 +33,7 @@ def _plan(task: str, labels: dict[int, str], spacing: list[float] | None, **over
 
 
 def _extract(tmp: Path, archive: str, names: list[str]) -> Path:
-    with tarfile.open(DATA / archive) as tar:
+    with tarfile.open(shared_archive(archive)) as tar:
         members = [tar.getmember(name) for name in names]
         tar.extractall(tmp, members=members, filter="data")
     return tmp

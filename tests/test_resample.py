@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from helpers import resample_label_to_reference, resample_to_reference
+from helpers import resample_label_to_reference, resample_to_reference, shared_archive
 from msdseg import images
 from msdseg.data.manifest import build_manifest
 from msdseg.data.resample import channels_on_reference, resample_subject, target_geometry
@@ -28,9 +28,7 @@ LIVER_TASK = "Task90_LiverCT"
 def liver_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from msdseg.data.archive import safe_extract
 
-    archive = shared_data / f"{LIVER_TASK}.tar"
-    if not archive.is_file():
-        pytest.skip(reason=f"{archive} not found")
+    archive = shared_archive(f"{LIVER_TASK}.tar")
     return safe_extract(archive, tmp_path_factory.mktemp("liver") / LIVER_TASK)
 
 

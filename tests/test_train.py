@@ -22,6 +22,7 @@ import torchio as tio
 from helpers import HIPPOCAMPUS_LABELS, plan, tiny_config, training_rows
 from msdseg.data.normalize import preprocessing
 from msdseg.data.subjects import subjects_from_paths
+from msdseg.devices import cpu_has_native_bf16
 from msdseg.errors import SubjectError
 from msdseg.model.sliding_window import predict_probabilities
 from msdseg.model.unet import load_model
@@ -87,14 +88,16 @@ def test_train_2d_uniform_sampler(rows: list[dict[str, str]], tmp_path: Path) ->
     assert probabilities.shape == (3, *subject["image"].shape[1:])
 
 
-def test_sgd_with_bf16_trains(rows: list[dict[str, str]], tmp_path: Path) -> None:
-    """nnU-Net's optimiser and bf16 autocast (on CPUs with native bf16; fp32 elsewhere)."""
-    config = _config(optimizer="sgd", precision="bf16", iterations=16, validate_every=5, keep="last")
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU computes bf16 only by emulation: msdseg trains fp32 here"))])
+def test_sgd_trains(rows: list[dict[str, str]], tmp_path: Path, precision: str) -> None:
+    """nnU-Net's optimiser, in fp32 and (on CPUs with native bf16) in bf16 autocast."""
+    config = _config(optimizer="sgd", precision=precision, iterations=16, validate_every=5, keep="last")
     model_path = train(rows[:6], rows[6:7], PLAN, config, tmp_path, fold=0)
     log = pd.read_csv(tmp_path / "training_log.csv")
     assert log["loss"].notna().all() and log["loss"].iloc[-4:].mean() < log["loss"].iloc[:4].mean()
     _, meta = load_model(model_path)
-    assert meta["config"]["train"]["optimizer"] == "sgd"
+    assert meta["config"]["train"]["optimizer"] == "sgd" and meta["precision"] == precision
     assert meta["best_iteration"] == 16  # keep: last writes the final weights whatever they score
 
 
