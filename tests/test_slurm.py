@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import assert_dice_floors
 from slurm_cluster import SlurmCluster, missing_commands
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -45,7 +46,8 @@ TASK = "Task00_SyntheticLiver"
 TINY = {
     "synthetic": {"n_train": 4, "n_test": 1},
     "train": {
-        "folds": [0, 1], "iterations": 4, "validate_every": 4, "checkpoint_every": 4, "samples_per_volume": 2,
+        # 120 steps: enough to learn the lesions, so the Dice floor below means something
+        "folds": [0, 1], "iterations": 120, "validate_every": 60, "checkpoint_every": 60, "samples_per_volume": 2,
         "queue_length": 4, "num_workers": 0, "threads": 1, "mem_mb": 1000,
     },
     "infer": {"threads": 1, "mem_mb": 1000},
@@ -357,6 +359,7 @@ def test_demo_workflow_through_slurm_profile_equals_a_local_run(slurm_cluster, t
             here.splitlines(), there.splitlines(), "local/" + name, "slurm/" + name, lineterm="", n=0
         ))
         assert here == there, diff[:4000]
+    assert_dice_floors(local / "dice_summary.csv", {"liver": 0.6, "cancer": 0.3})
     predictions = sorted(p.relative_to(local) for p in local.glob("**/predictions/**/*.nii.gz"))
     assert predictions
     assert predictions == sorted(p.relative_to(slurm) for p in slurm.glob("**/predictions/**/*.nii.gz"))
