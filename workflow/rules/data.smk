@@ -133,7 +133,7 @@ rule resample_training:
     params:
         chunk=lambda wildcards: resample_job_args("train", wildcards.chunk),
     shell:
-        RESAMPLE_SCRIPT + " {params.chunk} --plan {input.plan:q} --out {output.staged:q} --log {log:q}"
+        f"{RESAMPLE_SCRIPT} {{params.chunk}} --plan {{input.plan:q}} --out {{output.staged:q}} --log {{log:q}}"
 
 
 rule resample_test:
@@ -155,7 +155,7 @@ rule resample_test:
     params:
         chunk=lambda wildcards: resample_job_args("test", wildcards.chunk),
     shell:
-        RESAMPLE_SCRIPT + " {params.chunk} --plan {input.plan:q} --out {output.staged:q} --log {log:q}"
+        f"{RESAMPLE_SCRIPT} {{params.chunk}} --plan {{input.plan:q}} --out {{output.staged:q}} --log {{log:q}}"
 
 
 # A placed file is a hard link to the staged one (no copy; a copy across file systems), touched
@@ -175,7 +175,7 @@ rule place_resampled_training:
     resources:
         **PLACE_RESOURCES,
     shell:
-        PLACE + "place {input.chunk:q}/imagesTr/{wildcards.subject:q}.nii.gz {output.image:q}"
+        f"{PLACE}place {{input.chunk:q}}/imagesTr/{{wildcards.subject:q}}.nii.gz {{output.image:q}}"
         " && place {input.chunk:q}/labelsTr/{wildcards.subject:q}.nii.gz {output.label:q}"
 
 
@@ -190,4 +190,4 @@ rule place_resampled_test:
     resources:
         **PLACE_RESOURCES,
     shell:
-        PLACE + "place {input.chunk:q}/imagesTs/{wildcards.subject:q}.nii.gz {output.image:q}"
+        f"{PLACE}place {{input.chunk:q}}/imagesTs/{{wildcards.subject:q}}.nii.gz {{output.image:q}}"

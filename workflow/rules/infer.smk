@@ -78,7 +78,7 @@ rule place_fold_prediction:
     resources:
         **PLACE_RESOURCES,
     shell:
-        PLACE + "place {input.chunk:q}/{wildcards.subject:q}.nii.gz {output.prediction:q}"
+        f"{PLACE}place {{input.chunk:q}}/{{wildcards.subject:q}}.nii.gz {{output.prediction:q}}"
 
 
 rule place_test_prediction:
@@ -92,7 +92,7 @@ rule place_test_prediction:
     resources:
         **PLACE_RESOURCES,
     shell:
-        PLACE + "place {input.chunk:q}/{wildcards.subject:q}.nii.gz {output.prediction:q}"
+        f"{PLACE}place {{input.chunk:q}}/{{wildcards.subject:q}}.nii.gz {{output.prediction:q}}"
 
 
 # --------------------------------------------------------------------------- new images
@@ -138,7 +138,7 @@ rule place_folder_prediction:
     resources:
         **PLACE_RESOURCES,
     shell:
-        PLACE + "place {input.chunk:q}/{wildcards.case:q}.nii.gz {output.prediction:q}"
+        f"{PLACE}place {{input.chunk:q}}/{{wildcards.case:q}}.nii.gz {{output.prediction:q}}"
 
 
 rule predict_folder:
