@@ -132,6 +132,7 @@ def predict_with_fallback(
     from msdseg.devices import is_out_of_memory, resolve_precision
     from msdseg.model import sliding_window
 
+    infer = {**section_defaults("infer"), **infer}  # a partial section takes the schema's defaults
     precision = str(infer["precision"])
     resolve_precision(precision, torch.device(device), key="infer.precision")  # a wrong one fails here, named
     tries = _attempts(device, int(infer["batch_size"]))
