@@ -67,7 +67,8 @@ def test_default_profile_never_runs_two_gpu_jobs_on_one_gpu():
     # would clamp every job's gpu, train.devices included); test_devices.py checks it in dry runs
     settings = profile(DEFAULT_PROFILE)
     assert "gpu" not in (settings.get("resources") or {})
-    assert "msdseg.devices" in (REPOSITORY / "workflow" / "rules" / "common.smk").read_text()
+    common = (REPOSITORY / "workflow" / "rules" / "common.smk").read_text()
+    assert "from msdseg.jobs.gpu_slots import local_gpu_count" in common
     assert {"mem_mb", "runtime"} <= set(settings["default-resources"])
     assert "executor" not in settings
 
