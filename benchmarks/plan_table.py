@@ -2,7 +2,8 @@
 
 Two devices: a 24 GB GPU (memory estimate only; the iteration count is settled by the train job's
 probe on the GPU) and this machine's CPU with a 15-minute budget (each plan measures real training
-steps here, so the CPU column depends on this machine). A plan that cannot fit says why.
+steps here, so the CPU column depends on this machine), with the validation patches and the
+share of the budget they take. A plan that cannot fit says why; each plan's reasons follow the table.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/plan_table.py [--threads 2] [--minutes 15]
 """
@@ -22,10 +23,27 @@ import torch
 
 from msdseg.decathlon import NNUNET_PLANS, TASKS
 from msdseg.devices import cpu_has_native_bf16
+from msdseg.plan.budget import VALIDATIONS, patch_forward_seconds
 from msdseg.plan.fingerprint import DeviceSpec, published_fingerprint
 from msdseg.plan.record import PlanError
 from msdseg.plan.training import plan_training
 from msdseg.train.probe import torch_probe
+
+
+def cpu_plan(fingerprint, threads: int, minutes: float, bf16: bool) -> tuple[str, dict[str, str] | None]:
+    """The CPU column and the plan's reasons (None where the task does not fit, with the error)."""
+    try:
+        probe = torch_probe(fingerprint, torch.device("cpu"), "bf16" if bf16 else "fp32")
+        plan = plan_training(fingerprint, DeviceSpec("cpu", threads=threads), minutes, {}, probe=probe,
+                             cpu_native_bf16=bf16)
+    except PlanError as error:
+        return f"does not fit: {error}", None
+    batch, patches = plan.value("train.batch_size"), plan.value("train.validation_patches")
+    validation_s = VALIDATIONS * patches * patch_forward_seconds(batch, plan.seconds_per_step)
+    column = (f"{plan.value('train.patch_size')}, {plan.value('model.base_channels')}, {plan.value('model.depth')}, "
+              f"{batch}, {plan.seconds_per_step:.2f}, {plan.value('train.iterations')}, "
+              f"{patches} ({validation_s / (minutes * 60):.1%})")
+    return column, {key: setting.reason for key, setting in plan.settings.items()}
 
 
 def main() -> None:
@@ -37,26 +55,27 @@ def main() -> None:
     bf16 = cpu_has_native_bf16()
     gpu = DeviceSpec("cuda", threads=8, memory_gb=24.0, name="24 GB")
     print(f"| task | target spacing (nnU-Net) | GPU 24 GB: patch, depth, batch (volume vs nnU-Net) | nnU-Net patch "
-          f"| CPU {args.threads} threads, {args.minutes:g} min: patch, width, depth, batch, s/step, iterations |")
+          f"| CPU {args.threads} threads, {args.minutes:g} min: patch, width, depth, batch, s/step, iterations, "
+          "validation patches (share of the budget) |")
     print("|---|---|---|---|---|")
+    reasons: dict[str, dict[str, str]] = {}
     for name, info in TASKS.items():
         fingerprint = published_fingerprint(info)
         nn_patch, nn_spacing = NNUNET_PLANS[name]
         on_gpu = plan_training(fingerprint, gpu, 60, {})
         patch = on_gpu.value("train.patch_size")
         ratio = float(np.prod(patch)) / float(np.prod(nn_patch))
-        try:
-            probe = torch_probe(fingerprint, torch.device("cpu"), "bf16" if bf16 else "fp32")
-            on_cpu = plan_training(fingerprint, DeviceSpec("cpu", threads=args.threads), args.minutes, {},
-                                   probe=probe, cpu_native_bf16=bf16)
-            cpu = (f"{on_cpu.value('train.patch_size')}, {on_cpu.value('model.base_channels')}, "
-                   f"{on_cpu.value('model.depth')}, {on_cpu.value('train.batch_size')}, "
-                   f"{on_cpu.seconds_per_step:.2f}, {on_cpu.value('train.iterations')}")
-        except PlanError as error:
-            cpu = f"does not fit: {error}"
+        cpu, why = cpu_plan(fingerprint, args.threads, args.minutes, bf16)
+        if why is not None:
+            reasons[name] = why
         spacing = [round(v, 2) for v in fingerprint.target_spacing]
         print(f"| {name} | {spacing} ({list(nn_spacing)}) | {patch}, {on_gpu.value('model.depth')}, "
               f"{on_gpu.value('train.batch_size')} ({ratio:.2f}x) | {list(nn_patch)} | {cpu} |", flush=True)
+    print(f"\n{len(reasons)} of {len(TASKS)} tasks fit {args.minutes:g} minutes on {args.threads} CPU threads.\n")
+    for name, why in reasons.items():
+        print(f"{name}:")
+        for key in ("train.patch_size", "train.iterations", "train.validation_patches"):
+            print(f"  {key}: {why[key]}")
 
 
 if __name__ == "__main__":

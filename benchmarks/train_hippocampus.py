@@ -196,7 +196,10 @@ def main() -> None:
         "mean_dice_95ci": {name: mean_interval(scores[name].to_numpy()) for name in labels.values()},
         "median_dice": {name: float(scores[name].median()) for name in labels.values()},
         "models": args.models, "iterations": [int(member["iteration"].max()) for member in logs], "batch_size": batch,
-        "train_wall_s": round(train_s, 1), "prepare_s": round(prepare_s, 1), "eval_s": round(eval_s, 1),
+        "train_wall_s": round(train_s, 1), "budget_minutes": budget,
+        "budget_use": round(train_s / (budget * 60.0), 3),
+        "validation_patches": config["train"]["validation_patches"],
+        "prepare_s": round(prepare_s, 1), "eval_s": round(eval_s, 1),
         "queue_patches_per_s_alone": round(delivered, 2),
         "model_patches_per_s_in_training": round(float(batch / compute.iloc[20:].median()), 2),
         "end_to_end_patches_per_s": round(float(len(log) * batch / log["seconds_per_step"].sum()), 2),
@@ -212,6 +215,8 @@ def main() -> None:
         "last_val_dice": [{name: float(member[f"val_dice_{name}"].dropna().iloc[-1]) for name in labels.values()}
                           for member in logs],
     }
+    print(f"training used {summary['budget_use']:.3f} of the {budget:g}-minute budget "
+          f"({summary['iterations']} iterations, {summary['seconds_per_step_median']} s/step median)")
     for name, value in summary["mean_dice"].items():
         low, high = summary["mean_dice_95ci"][name]
         print(f"held-out mean Dice {name}: {value:.4f} (95% bootstrap interval {low:.4f}-{high:.4f})")

@@ -41,14 +41,20 @@ from msdseg.errors import SubjectError
 from msdseg.images import read_label_volume
 
 
-def dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> float:
-    """Dice of one label. NaN when both are empty (nnU-Net's convention: nothing to score)."""
-    pred = prediction == label
-    ref = reference == label
-    denominator = int(pred.sum()) + int(ref.sum())
+def dice_from_counts(true_positives: int, false_positives: int, false_negatives: int) -> float:
+    """2 TP / (2 TP + FP + FN); NaN when the label is in neither map (nnU-Net's convention: nothing to score)."""
+    denominator = 2 * int(true_positives) + int(false_positives) + int(false_negatives)
     if denominator == 0:
         return float("nan")
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / denominator
+    return 2.0 * int(true_positives) / denominator
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> float:
+    """Dice of one label. NaN when both are empty."""
+    pred = prediction == label
+    ref = reference == label
+    overlap = int(np.logical_and(pred, ref).sum())
+    return dice_from_counts(overlap, int(pred.sum()) - overlap, int(ref.sum()) - overlap)
 
 
 def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Iterable[int]) -> dict[int, float]:

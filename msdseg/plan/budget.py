@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from msdseg.config import PLANNED_KEYS  # noqa: F401  (re-exported: the planner's keys)
 from msdseg.decathlon import label_map
-from msdseg.errors import PlanError
-from msdseg.grid import grid_patch_count
 from msdseg.plan.fingerprint import DeviceSpec, Fingerprint
 from msdseg.plan.network import CONTEXT_CAP, MAX_CPU_BATCH, Network, batch_cap, context_floor, network_for
 from msdseg.plan.record import StepProbe, TrainingPlan
@@ -21,7 +19,7 @@ if TYPE_CHECKING:  # annotations only: planning a known task's table needs no pa
 TARGET_ITERATIONS = 1500  # the fewest steps a budget should buy on a slow device
 
 
-USABLE_SHARE = 0.9  # of the budget: start-up, queue filling and checkpoints take the rest
+USABLE_SHARE = 0.95  # of the budget: start-up, queue filling and checkpoints take the rest
 
 
 # a probe times the network on random tensors; in training the patch queue's workers share the
@@ -31,6 +29,9 @@ PIPELINE_OVERHEAD = {"cpu": 1.4, "cuda": 1.1}
 
 
 VALIDATIONS = 5  # validations (learning-curve points) a budget should allow
+VALIDATION_SHARE = 0.1  # of the budget, at most, for validation during training
+MAX_VALIDATION_PATCHES = 64  # enough for a stable pseudo-Dice; more only costs time
+VALIDATION_MEMORY_BYTES = 512 * 2**20  # the patches are held in memory for the whole run
 
 
 MAX_PROBES = 4  # real measurements while searching: bounds the plan job's time
@@ -81,10 +82,18 @@ def _calibrate(probe: StepProbe, fingerprint: Fingerprint, dims: int) -> tuple[f
     return max(time_a - per_flop * work_a, 0.0), per_flop
 
 
-def case_validation_seconds(fingerprint: Fingerprint, network: Network, batch: int, step_s: float) -> float:
-    """One median case's validation: grid patches (half overlap) x a forward pass (~1/3 of a step per sample)."""
-    patches = grid_patch_count(fingerprint.median_shape, network.patch)
-    return patches * step_s / (3 * batch)
+def patch_forward_seconds(batch: int, step_s: float) -> float:
+    """One validation patch's forward pass: about a third of a training step's share per sample."""
+    return step_s / (3 * max(batch, 1))
+
+
+def validation_patch_count(fingerprint: Fingerprint, network: Network, forward_s: float, budget_s: float,
+                           validations: int) -> int:
+    """Validation patches: MAX_VALIDATION_PATCHES, fewer where their memory or VALIDATION_SHARE of the budget binds."""
+    patch_bytes = 4 * max(fingerprint.n_channels, 1) * math.prod(network.patch)
+    by_memory = int(VALIDATION_MEMORY_BYTES // patch_bytes)
+    by_budget = int(VALIDATION_SHARE * budget_s / (validations * forward_s))
+    return max(1, min(MAX_VALIDATION_PATCHES, by_memory, by_budget))
 
 
 def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network, batch: int,
@@ -92,32 +101,33 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
     """Iterations and cadence from the measured step time and the budget (recorded, never re-read from the clock).
 
     ``pace`` (:class:`msdseg.train.probe.Pace`): the whole pipeline measured; without it the step
-    probe is scaled by the data queue's usual share (PIPELINE_OVERHEAD)."""
+    probe is scaled by the data queue's usual share (PIPELINE_OVERHEAD). Validation scores a fixed
+    set of patches (:mod:`msdseg.train.validation`), so its cost is planned, whatever the case size.
+    """
     if step_s is None:
         plan.put("train.iterations", None, "settled by the train job's probe on its device", user)
         plan.put("train.validate_every", None, "a fifth of the iterations", user)
         plan.put("train.checkpoint_every", None, "a twentieth of the iterations", user)
+        plan.put("train.validation_patches", None, "settled with the iterations", user)
+        plan.put("train.validation_cases", None, "settled with the iterations", user)
         return
     budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
-    per_case = case_validation_seconds(fingerprint, network, batch, step_s)
+    forward_s = patch_forward_seconds(batch, step_s)
     if pace is None:
         step_s = step_s * PIPELINE_OVERHEAD.get(plan.device.type, 1.2)  # a training step beside its data queue
         measured = "probe, with the data queue's usual share"
     else:
         step_s, budget_s = pace.step_s, budget_s - pace.startup_s
         measured = f"{pace.steps} steps with the patch queue measured; {pace.startup_s:.0f} s to start"
-    if per_case > 0.5 * budget_s:
-        raise PlanError(f"train.max_minutes {plan.budget_minutes} is too short: validating one case "
-                        f"(~{per_case:.0f} s at {step_s:.2f} s/step) would take over half of it; raise "
-                        "train.max_minutes.")
+    validations = VALIDATIONS
+    patches = int(plan.put(
+        "train.validation_patches", validation_patch_count(fingerprint, network, forward_s, budget_s, validations),
+        f"pseudo-Dice on fixed patches (~{forward_s:.3f} s each): {validations} validations take <= "
+        f"{VALIDATION_SHARE:.0%} of the budget; the infer rules score whole cases", user) or 1)
     fold_cases = max(1, fingerprint.n_training // max(n_folds, 1))
-    # all of the fold's cases where VALIDATIONS of them take at most 20% of the budget, else fewer
-    affordable = max(1, int(0.2 * budget_s / VALIDATIONS / per_case))
-    cases = int(plan.put("train.validation_cases", min(fold_cases, affordable),
-                         f"validations take <= 20% of the budget (~{per_case:.1f} s per case); the infer "
-                         "rules still predict every case", user) or fold_cases)
-    one_validation = per_case * min(cases, fold_cases)
-    validations = max(1, min(VALIDATIONS, int(0.3 * budget_s / max(one_validation, 1e-9))))
+    plan.put("train.validation_cases", min(fold_cases, patches),
+             "the fold's cases the validation patches are drawn from (at least one patch each)", user)
+    one_validation = patches * forward_s
     iterations = max(1, int((budget_s - validations * one_validation) / step_s))
     iterations = int(plan.put("train.iterations", iterations,
                               f"{plan.budget_minutes} min x {USABLE_SHARE:.0%} at {step_s:.3f} s/step ({measured}), "

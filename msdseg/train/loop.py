@@ -40,7 +40,14 @@ from msdseg.train.state import (
     save_checkpoint,
     seed_everything,
 )
-from msdseg.train.validation import label_names, mean_score, validate, validated
+from msdseg.train.validation import (
+    ValidationPatches,
+    draw_validation_patches,
+    label_names,
+    mean_score,
+    pseudo_dice,
+    validated,
+)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -104,6 +111,7 @@ class Fold:
     amp_dtype: torch.dtype | None
     class_weights: torch.Tensor | None
     names: dict[int, str] = field(default_factory=dict)
+    val_patches: ValidationPatches | None = None  # drawn on the rank that validates
 
     @property
     def device(self) -> torch.device:
@@ -164,8 +172,11 @@ def _build(train_rows: Sequence[Mapping[str, Any]], val_rows: Sequence[Mapping[s
     optimizer = make_optimizer(model, cfg_train)
     parts = Trainables(model, optimizer, Schedule(optimizer, cfg_train["schedule"]),
                        torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16))
+    # after the model: drawing in a forked random stream leaves the initial weights as they were
+    patches = (draw_validation_patches(val_subjects, plan, cfg_train, cfg_train.get("validation_patches"), seed)
+               if val_subjects and ranks.lead else None)
     return Fold(fold, seed, identity, out_dir, ranks, plan, cfg_train, cfg_model, train_subjects,
-                val_subjects, parts, model, amp_dtype, class_weights, label_names(plan))
+                val_subjects, parts, model, amp_dtype, class_weights, label_names(plan), patches)
 
 
 def _batches(run: Fold, iteration: int) -> tuple[tio.Queue, Iterator[Any]]:
@@ -287,9 +298,10 @@ def _step(run: Fold, batches: Iterator[Any], lr: float, divergence: Divergence, 
 
 
 def _validate(run: Fold, state: RunState) -> dict[int, float]:
-    """Dice per label on the validation subjects; offers the weights to the kept ones."""
-    dice = validate(run.parts.model, run.val_subjects, run.plan, run.cfg_train["patch_size"],
-                    int(run.cfg_train["batch_size"]), run.cfg_train["precision"], run.device)
+    """Pseudo-Dice per label on the validation patches; offers the weights to the kept ones."""
+    assert run.val_patches is not None
+    dice = pseudo_dice(run.parts.model, run.val_patches, list(run.names), int(run.cfg_train["batch_size"]),
+                       run.cfg_train["precision"], run.device)
     state.kept.offer(mean_score(dice), {run.names[k]: v for k, v in dice.items()}, state.iteration,
                      run.parts.model, keep_last=run.cfg_train["keep"] == "last")
     return dice

@@ -23,10 +23,9 @@ from msdseg.train.ranks import DDP_DIAGNOSTICS, DDP_DIAGNOSTICS_ENV
 from msdseg.train.schedule import Schedule, make_optimizer
 from msdseg.train.spawn import spawn
 from msdseg.train.state import CHECKPOINT, LOG, MODEL, config_hash, seed_everything
-from msdseg.train.validation import validate
 
 __all__ = ["CHECKPOINT", "DDP_DIAGNOSTICS", "DDP_DIAGNOSTICS_ENV", "LOG", "MODEL", "Schedule", "config_hash",
-           "make_optimizer", "seed_everything", "segmentation_loss", "train", "validate"]
+           "make_optimizer", "seed_everything", "segmentation_loss", "train"]
 
 
 def train(train_subjects: Sequence[Mapping[str, Any]], val_subjects: Sequence[Mapping[str, Any]],
