@@ -23,9 +23,9 @@ import torch
 
 from msdseg.decathlon import NNUNET_PLANS, TASKS
 from msdseg.devices import cpu_has_native_bf16
+from msdseg.errors import PlanError
 from msdseg.plan.budget import VALIDATIONS, patch_forward_seconds
 from msdseg.plan.fingerprint import DeviceSpec, published_fingerprint
-from msdseg.plan.record import PlanError
 from msdseg.plan.training import plan_training
 from msdseg.train.probe import torch_probe
 
