@@ -28,7 +28,7 @@ PLANNED_KEYS = (
     "model.spatial_dims", "model.base_channels", "model.depth", "model.strides", "train.patch_size",
     "train.batch_size", "train.precision", "train.label_probabilities", "train.class_weights",
     "train.iterations", "train.validate_every", "train.checkpoint_every", "train.validation_cases",
-    "train.samples_per_volume", "train.queue_length", "train.validation_patches",
+    "train.samples_per_volume", "train.queue_length", "train.validation_patches", "train.settle_at",
 )
 
 # Which train.* keys change what: defined here once, read by the train rules' params
@@ -36,7 +36,7 @@ PLANNED_KEYS = (
 SCHEDULING_KEYS = frozenset({"folds", "threads", "mem_mb", "gpus"})
 """What a train job asks the scheduler for: never a reason to rerun a job."""
 CADENCE_KEYS = frozenset({"iterations", "max_minutes", "validate_every", "validation_cases", "validation_patches",
-                          "checkpoint_every"})
+                          "checkpoint_every", "settle_at"})
 """The budget and its cadence: a step's pace does not depend on them, so a change keeps the measured plan."""
 RESUMABLE_KEYS = SCHEDULING_KEYS | {"max_minutes", "checkpoint_every", "validate_every", "num_workers", "devices"}
 """Keys a checkpoint survives a change of: they do not change what the next step learns."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from msdseg.model.sliding_window import predict_probabilities
 from msdseg.model.unet import load_model
 from msdseg.train.augmentation import training_transform
 from msdseg.train.queue import SafeLabelSampler
+from msdseg.train.settle import RECORD
 from msdseg.train.state import CHECKPOINT
 from msdseg.train.trainer import train
 
@@ -207,6 +209,31 @@ def test_resume_after_sigkill_continues_the_iteration_count(rows: list[dict[str,
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "another training config" in changed.stderr and "starting over" in changed.stderr
     assert pd.read_csv(out / "training_log.csv")["lr"].iloc[0] == pytest.approx(0.02)
+
+
+def test_the_run_settles_its_iterations_once_and_a_repeat_reuses_the_record(rows: list[dict[str, str]],
+                                                                          tmp_path: Path) -> None:
+    """At train.settle_at the run's own pace fixes the count to fill the budget; the number is recorded,
+    so a repeat of the same identity trains exactly as many steps, the same ones, whatever its clock says."""
+    config = _config(iterations=30, settle_at=20, validate_every=20, checkpoint_every=20, max_minutes=0.3)
+    started = time.perf_counter()
+    train(rows[:6], rows[6:], PLAN, config, tmp_path / "a", fold=0)
+    used = (time.perf_counter() - started) / (0.3 * 60)
+    record = json.loads((tmp_path / "a" / RECORD).read_text())
+    _, meta = load_model(tmp_path / "a" / "model.pt")
+    assert record["at"] == 20 and record["planned"] == 30 and record["iterations"] >= 20
+    assert meta["iterations_settled"] == record["iterations"] and meta["iterations_planned"] == 30
+    assert meta["iterations"] == record["iterations"] or meta["budget_exhausted"]
+    assert used <= 1.1, f"training took {used:.2f} of its budget"
+
+    # the repeat: the record and a larger budget (max_minutes is not part of the run's identity)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / RECORD, tmp_path / "b" / RECORD)
+    train(rows[:6], rows[6:], PLAN, {**config, "train": {**config["train"], "max_minutes": 10}}, tmp_path / "b",
+          fold=0)
+    assert load_model(tmp_path / "b" / "model.pt")[1]["iterations"] == record["iterations"]
+    log_a, log_b = (pd.read_csv(tmp_path / run / "training_log.csv")[["iteration", "loss", "lr"]] for run in "ab")
+    pd.testing.assert_frame_equal(log_a, log_b.iloc[:len(log_a)])
 
 
 def test_preprocessing_ct_zscore_none() -> None:

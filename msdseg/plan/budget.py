@@ -30,6 +30,8 @@ PIPELINE_OVERHEAD = {"cpu": 1.4, "cuda": 1.1}
 
 VALIDATIONS = 5  # validations (learning-curve points) a budget should allow
 VALIDATION_SHARE = 0.1  # of the budget, at most, for validation during training
+SETTLE_MIN_STEPS = 100  # the run's pace is its mean step over the second half of these
+SETTLE_SHARE = 0.1  # of the planned iterations, at least SETTLE_MIN_STEPS, before the count is settled
 MAX_VALIDATION_PATCHES = 64  # enough for a stable pseudo-Dice; more only costs time
 VALIDATION_MEMORY_BYTES = 512 * 2**20  # the patches are held in memory for the whole run
 
@@ -110,6 +112,7 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
         plan.put("train.checkpoint_every", None, "a twentieth of the iterations", user)
         plan.put("train.validation_patches", None, "settled with the iterations", user)
         plan.put("train.validation_cases", None, "settled with the iterations", user)
+        plan.put("train.settle_at", None, "settled with the iterations", user)
         return
     budget_s = plan.budget_minutes * 60.0 * USABLE_SHARE
     forward_s = patch_forward_seconds(batch, step_s)
@@ -136,6 +139,20 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
              f"{validations} learning-curve point(s) within the budget", user)
     plan.put("train.checkpoint_every", max(1, math.ceil(iterations / 20)),
              "20 resumable checkpoints per run", user)
+    _plan_settling(plan, iterations, user)
+
+
+def _plan_settling(plan: TrainingPlan, iterations: int, user: Mapping[str, Any]) -> None:
+    """Where the run fixes its iteration count from its own pace (msdseg.train.settle), if anywhere."""
+    settle_at = max(SETTLE_MIN_STEPS, math.ceil(SETTLE_SHARE * iterations))
+    if "train.iterations" in user:
+        plan.put("train.settle_at", None, "train.iterations is yours: the run trains exactly that many", user)
+    elif 2 * settle_at > iterations:
+        plan.put("train.settle_at", None, f"too few iterations to measure the run's pace first (< {2 * settle_at})",
+                 user)
+    else:
+        plan.put("train.settle_at", settle_at, f"after {settle_at} steps the run's own pace fixes the iterations "
+                 "(a short probe reads it high); recorded for a resume or repeat", user)
 
 
 def planned_network(training_plan: Mapping[str, Any]) -> Network:

@@ -28,6 +28,7 @@ from msdseg.train.loss import segmentation_loss
 from msdseg.train.queue import make_loader, make_queue
 from msdseg.train.ranks import Diagnostics, Ranks
 from msdseg.train.schedule import Schedule, make_optimizer, progress
+from msdseg.train.settle import RECORD, TARGET_USE, Settled, read_record, settled_iterations, write_record
 from msdseg.train.state import (
     CHECKPOINT,
     LOG,
@@ -199,9 +200,52 @@ def _batches(run: Fold, iteration: int) -> tuple[tio.Queue, Iterator[Any]]:
     return queue, forever()
 
 
+def _total(run: Fold, state: RunState) -> int:
+    """The iterations this run trains: as planned until the settling step, then as settled."""
+    settle_at = run.cfg_train.get("settle_at")
+    if state.settled is not None and settle_at is not None and state.iteration >= int(settle_at):
+        return int(state.settled)
+    return int(run.cfg_train["iterations"])
+
+
+def _settle_if_due(run: Fold, state: RunState, budget: Budget) -> None:
+    """At step ``train.settle_at``: fix the iterations from this run's pace (or its record), once.
+
+    Rank 0 decides and every DDP rank takes its number (both calls below are collective).
+    """
+    settle_at, planned = run.cfg_train.get("settle_at"), int(run.cfg_train["iterations"])
+    if settle_at is None or state.iteration != int(settle_at) or state.settled is not None:
+        return
+    elapsed, validation_s = budget.now()
+    record = read_record(run.out_dir, run.identity) if run.ranks.lead else None
+    if record is not None and record.at == state.iteration:
+        iterations, pace = record.iterations, record.pace_s
+    else:
+        iterations, pace = settled_iterations(state.rows, state.iteration, elapsed, budget.seconds,
+                                              _validation_estimate(run, state, validation_s),
+                                              int(run.cfg_train["validate_every"]))
+    state.settled = int(run.ranks.from_lead([float(iterations)])[0])
+    if run.ranks.lead and record is None:
+        write_record(run.out_dir, Settled(run.identity, state.iteration, state.settled, planned, pace))
+        say(f"fold {run.fold}: {pace:.3f} s/step over steps {state.iteration // 2}-{state.iteration}: "
+            f"{state.settled} iterations fill {TARGET_USE:.0%} of train.max_minutes (planned {planned}); "
+            f"recorded in {RECORD}")
+
+
+def _validation_estimate(run: Fold, state: RunState, measured_s: float) -> float:
+    """Seconds of one validation: the last one's, else the planner's rule (a forward pass is about a
+    third of a step per sample) at the run's pace so far."""
+    if not run.val_subjects or run.val_patches is None:
+        return 0.0
+    if measured_s > 0:
+        return measured_s
+    steps = [float(row["seconds_per_step"]) for row in state.rows[-20:]]
+    return len(run.val_patches.images) * (sum(steps) / max(len(steps), 1)) / (3 * int(run.cfg_train["batch_size"]))
+
+
 def _loop(run: Fold, state: RunState, budget: Budget, diagnostics: Diagnostics) -> tio.Queue | None:
-    """Train until ``train.iterations`` or the time budget; validate and checkpoint on their cadence."""
-    total, cfg = int(run.cfg_train["iterations"]), run.cfg_train
+    """Train until the iterations (settled on the way, see :func:`_settle_if_due`) or the time budget."""
+    total, cfg = _total(run, state), run.cfg_train
     now, validation_s = budget.now()
     if state.iteration >= total or now >= budget.seconds:
         return None
@@ -224,10 +268,14 @@ def _loop(run: Fold, state: RunState, budget: Budget, diagnostics: Diagnostics) 
             raise
         state.iteration += 1
         diagnostics.after_step(state.iteration, run.parts.model)
+        state.rows.append(row)
+        _settle_if_due(run, state, budget)
+        if _total(run, state) != total:
+            total = _total(run, state)
+            bar.total = total
         if run.ranks.lead and run.val_subjects and (state.iteration % cfg["validate_every"] == 0
                                                     or state.iteration == total):
             last_dice = _validate_during_training(run, state, budget, row)
-        state.rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", dice=last_dice, refresh=False)
         if run.ranks.lead and state.iteration % cfg["checkpoint_every"] == 0:
@@ -331,6 +379,8 @@ def _finish(run: Fold, state: RunState, budget: Budget, config: Mapping[str, Any
             "patch_size": [int(p) for p in run.cfg_train["patch_size"]], "fold": int(run.fold), "seed": run.seed,
             "config": copy.deepcopy(dict(config)), "iterations": state.iteration,
             "best_iteration": int(kept.iteration), "best_val_dice": dict(kept.dice),
+            "iterations_planned": int(run.cfg_train["iterations"]), "iterations_settled": state.settled,
+            "settle_at": run.cfg_train.get("settle_at"),
             "config_hash": run.identity, "mirror_axes": list(mirrored), "budget_exhausted": budget.exhausted,
             "precision": precision_name(run.amp_dtype), "device": run.device.type}
     model_path = run.out_dir / MODEL

@@ -57,7 +57,7 @@ def pipeline_pace(train_rows: Sequence[Mapping[str, Any]], plan: Mapping[str, An
     # past the first fills and the cold start of the workers (Task04: 4 steps of warm-up read 1.9x the real pace)
     warmup, measured = max(2 * cycle, 8), min(max(3 * cycle, 16), MAX_PROBE_STEPS)
     probe = copy.deepcopy(dict(config))
-    probe["train"] = {**cfg, "iterations": warmup + measured, "validate_every": 10**9,
+    probe["train"] = {**cfg, "iterations": warmup + measured, "validate_every": 10**9, "settle_at": None,
                       "checkpoint_every": 10**9, "devices": 1,
                       "max_minutes": max(1.0, 0.1 * float(cfg["max_minutes"]))}
     rows = list(train_rows)[:PROBE_SUBJECTS]

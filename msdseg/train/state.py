@@ -104,6 +104,7 @@ class RunState:
     elapsed_before_s: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: Kept = field(default_factory=Kept)
+    settled: int | None = None  # train.iterations as the run settled it (msdseg.train.settle), once it did
 
 
 @dataclass
@@ -121,7 +122,7 @@ def save_checkpoint(path: Path, identity: str, state: RunState, elapsed_s: float
     content = {"config_hash": identity, "iteration": state.iteration, "elapsed_s": elapsed_s,
                "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                "scheduler": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(),
-               "rng": rng_state(), "log": state.rows, "best": dict(vars(state.kept))}
+               "rng": rng_state(), "log": state.rows, "best": dict(vars(state.kept)), "settled": state.settled}
     with atomic_path(path) as tmp:
         torch.save(content, tmp)
 
@@ -151,7 +152,7 @@ def resume(content: Mapping[str, Any], parts: Trainables) -> RunState:
     _load_scaler(parts.scaler, content["scaler"])
     set_rng_state(content["rng"])
     return RunState(iteration=int(content["iteration"]), elapsed_before_s=float(content["elapsed_s"]),
-                    rows=list(content["log"]), kept=Kept(**dict(content["best"])))
+                    rows=list(content["log"]), kept=Kept(**dict(content["best"])), settled=content.get("settled"))
 
 
 def _load_scaler(scaler: torch.amp.GradScaler, saved: Mapping[str, Any]) -> None:
