@@ -31,7 +31,7 @@ PIPELINE_OVERHEAD = {"cpu": 1.4, "cuda": 1.1}
 VALIDATIONS = 5  # validations (learning-curve points) a budget should allow
 VALIDATION_SHARE = 0.1  # of the budget, at most, for validation during training
 SETTLE_MIN_STEPS = 100  # the run's pace is its mean step over the second half of these
-SETTLE_SHARE = 0.1  # of the planned iterations, at least SETTLE_MIN_STEPS, before the count is settled
+SETTLE_SHARE = 0.2  # of the planned iterations, at least SETTLE_MIN_STEPS, before the count is settled
 MAX_VALIDATION_PATCHES = 64  # enough for a stable pseudo-Dice; more only costs time
 VALIDATION_MEMORY_BYTES = 512 * 2**20  # the patches are held in memory for the whole run
 

@@ -82,6 +82,7 @@ class Budget:
     started: float
     before_s: float = 0.0  # spent by the processes this run resumes
     validation_s: float = 0.0  # the last validation's duration: the next one will cost about as much
+    checkpoint_s: float = 0.0  # the last checkpoint's writing time (outside the steps' own times)
     exhausted: bool = False  # the run stopped before its iterations because the budget ran out
 
     def elapsed(self) -> float:
@@ -221,9 +222,10 @@ def _settle_if_due(run: Fold, state: RunState, budget: Budget) -> None:
     if record is not None and record.at == state.iteration:
         iterations, pace = record.iterations, record.pace_s
     else:
-        iterations, pace = settled_iterations(state.rows, state.iteration, elapsed, budget.seconds,
-                                              _validation_estimate(run, state, validation_s),
-                                              int(run.cfg_train["validate_every"]))
+        cfg = run.cfg_train
+        between_steps = (_validation_estimate(run, state, validation_s) / int(cfg["validate_every"])
+                         + budget.checkpoint_s / int(cfg["checkpoint_every"]))
+        iterations, pace = settled_iterations(state.rows, state.iteration, elapsed, budget.seconds, between_steps)
     state.settled = int(run.ranks.from_lead([float(iterations)])[0])
     if run.ranks.lead and record is None:
         write_record(run.out_dir, Settled(run.identity, state.iteration, state.settled, planned, pace))
@@ -279,7 +281,9 @@ def _loop(run: Fold, state: RunState, budget: Budget, diagnostics: Diagnostics) 
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", dice=last_dice, refresh=False)
         if run.ranks.lead and state.iteration % cfg["checkpoint_every"] == 0:
+            saving = time.perf_counter()
             save_checkpoint(run.out_dir / CHECKPOINT, run.identity, state, budget.elapsed(), run.parts)
+            budget.checkpoint_s = time.perf_counter() - saving
     bar.close()
     if budget.exhausted and run.ranks.lead:
         say(f"stopping at iteration {state.iteration} of {total}: train.max_minutes ({cfg['max_minutes']}) "

@@ -51,14 +51,14 @@ def write_record(out_dir: Path, settled: Settled) -> None:
 
 
 def settled_iterations(rows: Sequence[Mapping[str, Any]], at: int, elapsed_s: float, budget_s: float,
-                       validation_s: float, validate_every: int) -> tuple[int, float]:
+                       between_steps_s: float) -> tuple[int, float]:
     """(iterations, pace) that fill TARGET_USE of ``budget_s``, from the mean step of rows at/2..at.
 
-    Each step also carries its share of the validations still to come (``validation_s`` every
-    ``validate_every`` steps), which grow with the count being settled.
+    Each step also carries ``between_steps_s``: its share of the validations and checkpoints to
+    come, which grow with the count being settled and are not in the steps' own times.
     """
     window = [float(row["seconds_per_step"]) for row in rows[at // 2:at]]
     pace = sum(window) / max(len(window), 1)
-    per_step = pace + validation_s / max(validate_every, 1)
+    per_step = pace + between_steps_s
     remaining = TARGET_USE * budget_s - elapsed_s
     return at + max(0, math.floor(remaining / max(per_step, 1e-9))), pace
