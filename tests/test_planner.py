@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from msdseg.errors import PlanError
 from msdseg.model.unet import load_model
 from msdseg.plan.budget import (
     MAX_VALIDATION_PATCHES,
+    SETTLE_MIN_STEPS,
+    SETTLE_SHARE,
     TARGET_ITERATIONS,
     USABLE_SHARE,
     VALIDATION_SHARE,
@@ -284,3 +287,14 @@ def test_the_budget_follows_the_measured_pipeline_not_the_bare_step(synthetic_di
     assert iterations * slower.step_s + slower.startup_s <= 15 * 60 * USABLE_SHARE
     assert "patch queue measured" in settled["settings"]["train.iterations"]["reason"]
     assert settled["pipeline_seconds_per_step"] == slower.step_s
+
+
+def test_the_run_settles_its_iterations_only_where_the_planner_planned_them() -> None:
+    fingerprint = published_fingerprint(TASKS["Task04_Hippocampus"])
+    planned = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
+    iterations, settle_at = planned.value("train.iterations"), planned.value("train.settle_at")
+    assert settle_at == max(SETTLE_MIN_STEPS, math.ceil(SETTLE_SHARE * iterations)) and 2 * settle_at <= iterations
+    mine = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {"train.iterations": 5000}, probe=flop_probe())
+    assert mine.value("train.settle_at") is None and "yours" in mine.settings["train.settle_at"].reason
+    short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 0.2, {}, probe=flop_probe())
+    assert short.value("train.settle_at") is None  # too few steps to measure a pace first
