@@ -161,9 +161,8 @@ def test_same_seed_same_log(rows: list[dict[str, str]], tmp_path: Path) -> None:
     assert not pd.read_csv(tmp_path / "c" / "training_log.csv")["loss"].equals(logs[0]["loss"])
 
 
-def test_resume_after_sigkill_continues_the_iteration_count(rows: list[dict[str, str]], tmp_path: Path) -> None:
-    out = tmp_path / "fold0"
-    settings = {"iterations": 40, "checkpoint_every": 3, "validate_every": 100}
+def _training_script(rows: list[dict[str, str]], out: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A script that trains fold 0 into ``out`` with ``_config(**json argv[1])``, and its environment."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys, torch
@@ -176,17 +175,27 @@ def test_resume_after_sigkill_continues_the_iteration_count(rows: list[dict[str,
         config = _config(**json.loads(sys.argv[1]))
         train(rows[:6], rows[6:], PLAN, config, Path({str(out)!r}), fold=0)
     """))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    return script, {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+
+
+def _kill_when(process: subprocess.Popen, ready: Any, what: str) -> None:
+    deadline = time.monotonic() + 90
+    while not ready():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:] if process.stderr else ""
+        assert time.monotonic() < deadline, f"no {what} within 90 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_resume_after_sigkill_continues_the_iteration_count(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    out = tmp_path / "fold0"
+    settings = {"iterations": 40, "checkpoint_every": 3, "validate_every": 100}
+    script, env = _training_script(rows, out, tmp_path)
 
     first = subprocess.Popen([sys.executable, str(script), json.dumps(settings)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (out / CHECKPOINT).exists():
-        assert first.poll() is None, first.stderr.read().decode()[-2000:] if first.stderr else ""
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    _kill_when(first, (out / CHECKPOINT).exists, "checkpoint")
     assert not (out / "model.pt").exists(), "the run finished before it could be killed"
     saved = torch.load(out / CHECKPOINT, weights_only=True)
     assert saved["iteration"] >= 3 and saved["iteration"] % 3 == 0
@@ -234,6 +243,32 @@ def test_the_run_settles_its_iterations_once_and_a_repeat_reuses_the_record(rows
     assert load_model(tmp_path / "b" / "model.pt")[1]["iterations"] == record["iterations"]
     log_a, log_b = (pd.read_csv(tmp_path / run / "training_log.csv")[["iteration", "loss", "lr"]] for run in "ab")
     pd.testing.assert_frame_equal(log_a, log_b.iloc[:len(log_a)])
+
+
+def test_a_run_killed_after_settling_resumes_to_the_settled_count(rows: list[dict[str, str]], tmp_path: Path) -> None:
+    out = tmp_path / "fold0"
+    settings = {"iterations": 40, "settle_at": 20, "checkpoint_every": 5, "validate_every": 100, "max_minutes": 0.5}
+    script, env = _training_script(rows, out, tmp_path)
+
+    def settled_and_saved() -> bool:
+        if not (out / RECORD).exists() or not (out / CHECKPOINT).exists():
+            return False
+        try:
+            return torch.load(out / CHECKPOINT, weights_only=True)["iteration"] > 20
+        except Exception:  # noqa: BLE001 - caught while it is being renamed into place
+            return False
+
+    first = subprocess.Popen([sys.executable, str(script), json.dumps(settings)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _kill_when(first, settled_and_saved, "settled checkpoint")
+    record = json.loads((out / RECORD).read_text())
+    assert torch.load(out / CHECKPOINT, weights_only=True)["settled"] == record["iterations"]
+    second = subprocess.run([sys.executable, str(script), json.dumps(settings)], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr[-2000:]
+    meta = load_model(out / "model.pt")[1]
+    assert meta["iterations_settled"] == record["iterations"]
+    assert meta["iterations"] == record["iterations"] or meta["budget_exhausted"]
 
 
 def test_preprocessing_ct_zscore_none() -> None:
