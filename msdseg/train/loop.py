@@ -23,6 +23,7 @@ from msdseg.errors import ConfigError, MsdsegError
 from msdseg.files import atomic_path
 from msdseg.logs import say
 from msdseg.model.unet import UNet, save_model
+from msdseg.plan.budget import patch_forward_seconds
 from msdseg.train.augmentation import mirror_axes
 from msdseg.train.loss import segmentation_loss
 from msdseg.train.queue import make_loader, make_queue
@@ -235,14 +236,14 @@ def _settle_if_due(run: Fold, state: RunState, budget: Budget) -> None:
 
 
 def _validation_estimate(run: Fold, state: RunState, measured_s: float) -> float:
-    """Seconds of one validation: the last one's, else the planner's rule (a forward pass is about a
-    third of a step per sample) at the run's pace so far."""
+    """Seconds of one validation: the last one's, else the planner's estimate at the run's pace so far."""
     if not run.val_subjects or run.val_patches is None:
         return 0.0
     if measured_s > 0:
         return measured_s
     steps = [float(row["seconds_per_step"]) for row in state.rows[-20:]]
-    return len(run.val_patches.images) * (sum(steps) / max(len(steps), 1)) / (3 * int(run.cfg_train["batch_size"]))
+    pace = sum(steps) / max(len(steps), 1)
+    return len(run.val_patches.images) * patch_forward_seconds(int(run.cfg_train["batch_size"]), pace)
 
 
 def _loop(run: Fold, state: RunState, budget: Budget, diagnostics: Diagnostics) -> tio.Queue | None:
