@@ -5,7 +5,7 @@ volumes with the package, holds out 40 of the 200 labelled cases (seeded), train
 with ``configs/hippocampus.yaml`` (a few of the rest validate), predicts the held-out cases with
 the workflow's ``predict_subject`` (written back in their original geometry) and scores them
 with its ``evaluate_subject`` against the original labels. Prints the held-out mean Dice per
-class, iterations, training wall time, the patch rate the queue delivers on its own vs the rate
+class, iterations, training wall time, the patch rate the loader delivers on its own vs the rate
 the model consumes in training, and the data-wait share.
 
 ``--models N`` splits the training budget into N models (seeds seed..seed+N-1, each
@@ -42,8 +42,9 @@ from msdseg.config import (
 )
 from msdseg.data.archive import safe_extract
 from msdseg.data.manifest import build_manifest
+from msdseg.data.preprocessed import plan_hash, preprocess_subjects
 from msdseg.data.resample import resample_subject
-from msdseg.data.subjects import IMAGE, subjects_from_paths
+from msdseg.data.subjects import subjects_from_paths
 from msdseg.decathlon import foreground_labels, read_dataset_json
 from msdseg.devices import cpu_has_native_bf16
 from msdseg.infer.predict import predict_subject
@@ -54,6 +55,7 @@ from msdseg.plan.preprocessing import make_plan
 from msdseg.plan.record import TrainingPlan, apply_plan
 from msdseg.plan.training import plan_training
 from msdseg.train.augmentation import mirror_axes
+from msdseg.train.patches import PatchStream, make_patch_loader
 from msdseg.train.probe import pipeline_pace, torch_probe
 from msdseg.train.queue import make_loader, make_queue
 from msdseg.train.trainer import train
@@ -75,6 +77,8 @@ def prepare(work: Path, config: dict) -> tuple[list[dict], dict, dict[int, str],
         resample_subject(row.image, image, plan, label_in=row.label, label_out=label)
         rows.append({"subject": row.subject, "image": str(image), "label": str(label),
                      "raw_image": str(row.image), "raw_label": str(row.label)})
+    if config["train"]["loader"] == "patch":  # the workflow's preprocess_training rule
+        rows = preprocess_subjects(rows, plan, work / "preprocessed", int(config["seed"]))
     return rows, plan, foreground_labels(plan["labels"]), fingerprint
 
 
@@ -97,16 +101,22 @@ def planned_config(config: dict, chosen: dict, fingerprint: Fingerprint, threads
     return apply_plan(config, planned)
 
 
-def queue_rate(rows: list[dict], plan: dict, config: dict, seconds: float) -> float:
-    """Patches per second the queue delivers with no model running (its capacity)."""
-    queue = make_queue(subjects_from_paths(rows), plan, config["train"], config["model"]["spatial_dims"])
-    loader = make_loader(queue, config["train"]["batch_size"])
+def loader_rate(rows: list[dict], plan: dict, config: dict, seconds: float) -> float:
+    """Patches per second the training loader delivers with one worker and no model running (its capacity)."""
+    cfg, dims = {**config["train"], "num_workers": 1}, config["model"]["spatial_dims"]
+    if cfg["loader"] == "patch":
+        stream = PatchStream([r["preprocessed"] for r in rows], plan_hash(plan), cfg, dims, int(config["seed"]))
+        batches = iter(make_patch_loader(stream, cfg["batch_size"], 0, 1))
+    else:
+        batches = iter(make_loader(make_queue(subjects_from_paths(rows), plan, cfg, dims), cfg["batch_size"]))
     patches, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for batch in loader:
-            patches += batch[IMAGE]["data"].shape[0]
-            if time.perf_counter() - start >= seconds:
-                break
+        try:
+            next(batches)
+        except StopIteration:  # the queue's pass over the subjects ended
+            batches = iter(make_loader(make_queue(subjects_from_paths(rows), plan, cfg, dims), cfg["batch_size"]))
+            continue
+        patches += cfg["batch_size"]
     return patches / (time.perf_counter() - start)
 
 
@@ -139,7 +149,8 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=1, help="split the budget into this many averaged models")
     parser.add_argument("--split-seed", type=int, default=None,
                         help="shuffle for the held-out/validation/training split (default: the config's seed)")
-    parser.add_argument("--queue-seconds", type=float, default=20.0)
+    parser.add_argument("--queue-seconds", type=float, default=20.0, help="measuring time of the loader's rate")
+    parser.add_argument("--loader", choices=("patch", "queue"), default=None, help="override train.loader")
     parser.add_argument("--dims", type=int, choices=(2, 3), default=None, help="force a 2D or 3D plan")
     parser.add_argument("--no-plan", action="store_true", help="train with the config as it is (a full preset)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temporary folder)")
@@ -151,6 +162,8 @@ def main() -> None:
         raw.setdefault("train", {})["max_minutes"] = args.minutes
     if args.dims is not None:
         raw.setdefault("model", {})["spatial_dims"] = args.dims
+    if args.loader is not None:
+        raw.setdefault("train", {})["loader"] = args.loader
     config, chosen = layered_config(raw)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="msdseg-bench-") as tmp:
@@ -184,7 +197,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scores = evaluate(model_paths, held_out, labels, config, work / "predictions", args.threads)
         eval_s = time.perf_counter() - t0
-        delivered = queue_rate(training, plan, config, args.queue_seconds)
+        delivered = loader_rate(training, plan, config, args.queue_seconds)
 
     batch = config["train"]["batch_size"]
     compute = log["seconds_per_step"] - log["data_wait_s"]
@@ -200,7 +213,7 @@ def main() -> None:
         "budget_use": round(train_s / (budget * 60.0), 3),
         "validation_patches": config["train"]["validation_patches"],
         "prepare_s": round(prepare_s, 1), "eval_s": round(eval_s, 1),
-        "queue_patches_per_s_alone": round(delivered, 2),
+        "loader": config["train"]["loader"], "loader_patches_per_s_alone": round(delivered, 2),
         "model_patches_per_s_in_training": round(float(batch / compute.iloc[20:].median()), 2),
         "end_to_end_patches_per_s": round(float(len(log) * batch / log["seconds_per_step"].sum()), 2),
         "data_wait_share": round(float(log["data_wait_s"].sum() / log["seconds_per_step"].sum()), 4),

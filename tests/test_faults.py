@@ -55,9 +55,11 @@ def _fill(disk: Path, leave_free: int) -> None:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     tmp_path, small_disk, synthetic_rows, synthetic_plan, make_config
 ):
+    from msdseg.data.preprocessed import preprocess_subjects
     from msdseg.train.trainer import train
 
-    subjects = synthetic_rows
+    # the patch loader's arrays on the normal disk (the workflow's preprocess_training writes them)
+    subjects = preprocess_subjects(synthetic_rows, synthetic_plan, tmp_path / "preprocessed")
     # Measure a checkpoint on a normal disk while a probe run writes one every iteration.
     probe = tmp_path / "probe"
     probe_config = make_config(**TRAIN, iterations=40, checkpoint_every=1)

@@ -17,7 +17,7 @@ import torchio as tio
 from torch import nn
 from tqdm import tqdm
 
-from msdseg.data.subjects import IMAGE, LABEL, subjects_from_paths
+from msdseg.data.subjects import subjects_from_paths
 from msdseg.devices import default_device, is_out_of_memory, precision_name, resolve_precision
 from msdseg.errors import ConfigError, MsdsegError
 from msdseg.files import atomic_path
@@ -25,8 +25,8 @@ from msdseg.logs import say
 from msdseg.model.unet import UNet, save_model
 from msdseg.plan.budget import patch_forward_seconds
 from msdseg.train.augmentation import mirror_axes
+from msdseg.train.batches import preprocessed_rows, subjects_per_epoch, training_batches
 from msdseg.train.loss import segmentation_loss
-from msdseg.train.queue import make_loader, make_queue
 from msdseg.train.ranks import Diagnostics, Ranks
 from msdseg.train.schedule import Schedule, make_optimizer, progress
 from msdseg.train.settle import RECORD, TARGET_USE, Settled, read_record, settled_iterations, write_record
@@ -115,6 +115,8 @@ class Fold:
     class_weights: torch.Tensor | None
     names: dict[int, str] = field(default_factory=dict)
     val_patches: ValidationPatches | None = None  # drawn on the rank that validates
+    train_rows: list[dict[str, Any]] = field(default_factory=list)  # with their preprocessed folders
+    threads: int = 1
 
     @property
     def device(self) -> torch.device:
@@ -124,13 +126,18 @@ class Fold:
 def run_fold(train_rows: Sequence[Mapping[str, Any]], val_rows: Sequence[Mapping[str, Any]],
              plan: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path, fold: int,
              threads: int, device: str | None, ranks: Ranks | None = None) -> Path:
-    """Train one fold in this process (a world of one, or one DDP rank) and return model.pt's path."""
-    started = time.perf_counter()
+    """Train one fold in this process (a world of one, or one DDP rank) and return model.pt's path.
+
+    The budget's clock starts after the preprocessing that API calls without preprocessed rows get.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = ranks or Ranks.single(resolve_device(device))
     configure_torch(ranks.device, threads, bool(config["train"]["deterministic"]))
+    train_rows = _with_preprocessed(train_rows, plan, config, out_dir, ranks)
+    started = time.perf_counter()
     run = _build(train_rows, val_rows, plan, config, out_dir, fold, ranks)
+    run.threads = int(threads)
     content = load_checkpoint(out_dir / CHECKPOINT, run.identity)
     state = resume(content, run.parts) if content is not None else RunState()
     if content is not None and ranks.lead:
@@ -140,7 +147,8 @@ def run_fold(train_rows: Sequence[Mapping[str, Any]], val_rows: Sequence[Mapping
     budget = Budget(float(config["train"]["max_minutes"]) * 60.0, ranks, started, state.elapsed_before_s)
     diagnostics = Diagnostics.for_ranks(ranks)
     queue = _loop(run, state, budget, diagnostics)
-    diagnostics.write(out_dir, state.iteration, queue, run.parts.model)
+    drawn = subjects_per_epoch(queue, state.iteration * int(run.cfg_train["batch_size"]))
+    diagnostics.write(out_dir, state.iteration, drawn, run.parts.model)
     if not ranks.lead:  # rank 0 writes the results; wait for it
         ranks.barrier()
         return out_dir / MODEL
@@ -179,27 +187,18 @@ def _build(train_rows: Sequence[Mapping[str, Any]], val_rows: Sequence[Mapping[s
     patches = (draw_validation_patches(val_subjects, plan, cfg_train, cfg_train.get("validation_patches"), seed)
                if val_subjects and ranks.lead else None)
     return Fold(fold, seed, identity, out_dir, ranks, plan, cfg_train, cfg_model, train_subjects,
-                val_subjects, parts, model, amp_dtype, class_weights, label_names(plan), patches)
+                val_subjects, parts, model, amp_dtype, class_weights, label_names(plan), patches, list(train_rows))
 
 
-def _batches(run: Fold, iteration: int) -> tuple[tio.Queue, Iterator[Any]]:
-    """The patch queue (this rank's share of the subjects under DDP) and endless batches from it."""
-    batch_size = int(run.cfg_train["batch_size"])
-    sampler = run.ranks.subject_sampler(run.train_subjects, run.seed)
-    spatial_dims = int(run.cfg_model["spatial_dims"])
-    if sampler is None:
-        queue = make_queue(run.train_subjects, run.plan, run.cfg_train, spatial_dims)
-    else:  # resume in the pass over the subjects where the run stopped
-        per_epoch = len(sampler) * int(run.cfg_train["samples_per_volume"])
-        queue = make_queue(run.train_subjects, run.plan, run.cfg_train, spatial_dims, subject_sampler=sampler,
-                           first_epoch=iteration * batch_size // per_epoch)
-    loader = make_loader(queue, batch_size, pin_memory=run.device.type == "cuda")
-
-    def forever() -> Iterator[Any]:  # the queue's epoch ends after n_subjects * samples_per_volume patches
-        while True:
-            yield from loader
-
-    return queue, forever()
+def _with_preprocessed(train_rows: Sequence[Mapping[str, Any]], plan: Mapping[str, Any], config: Mapping[str, Any],
+                       out_dir: Path, ranks: Ranks) -> list[dict[str, Any]]:
+    """The patch loader's rows, each with its preprocessed folder (rank 0 writes what is missing)."""
+    if config["train"]["loader"] != "patch":
+        return [dict(row) for row in train_rows]
+    folder, seed = out_dir / "preprocessed", int(config["seed"])
+    rows = preprocessed_rows(train_rows, plan, config["train"], folder, seed) if ranks.lead else []
+    ranks.barrier()
+    return rows if ranks.lead else preprocessed_rows(train_rows, plan, config["train"], folder, seed)
 
 
 def _total(run: Fold, state: RunState) -> int:
@@ -252,7 +251,7 @@ def _loop(run: Fold, state: RunState, budget: Budget, diagnostics: Diagnostics) 
     now, validation_s = budget.now()
     if state.iteration >= total or now >= budget.seconds:
         return None
-    queue, batches = _batches(run, state.iteration)
+    queue, batches = training_batches(run, state.iteration)
     bar = tqdm(total=total, initial=state.iteration, desc=f"fold {run.fold}", unit="it", mininterval=1.0,
                dynamic_ncols=True, disable=not run.ranks.lead)
     divergence, last_dice = Divergence(run.fold, cfg, run.parts.scaler), "-"
@@ -326,10 +325,10 @@ class Divergence:
 def _step(run: Fold, batches: Iterator[Any], lr: float, divergence: Divergence, iteration: int) -> dict[str, Any]:
     """One optimiser step on the next batch; returns its training-log row."""
     t0 = time.perf_counter()
-    batch = next(batches)
+    image, label = next(batches)
     t1 = time.perf_counter()
-    x = batch[IMAGE][tio.DATA].to(run.device, non_blocking=True)
-    y = batch[LABEL][tio.DATA][:, 0].to(run.device, non_blocking=True).long()
+    x = image.to(run.device, non_blocking=True)
+    y = label.to(run.device, non_blocking=True).long()
     parts = run.parts
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         logits = run.net(x)

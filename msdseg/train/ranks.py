@@ -113,11 +113,11 @@ class Diagnostics:
         if self.enabled and iteration == 1:
             self.hashes["1"] = weights_hash(model)
 
-    def write(self, out_dir: Path, iteration: int, queue: Any, model: nn.Module) -> None:
+    def write(self, out_dir: Path, iteration: int, subjects_per_epoch: list[list[str]], model: nn.Module) -> None:
         if not self.enabled:
             return
         record = {"rank": self.ranks.rank, "world_size": self.ranks.world, "iterations": iteration,
-                  "subjects_per_epoch": getattr(queue, "subjects_per_epoch", []),
+                  "subjects_per_epoch": subjects_per_epoch,
                   "weights_sha256": {**self.hashes, str(iteration): weights_hash(model)}}
         with atomic_path(out_dir / DDP_DIAGNOSTICS.format(rank=self.ranks.rank)) as tmp:
             Path(tmp).write_text(json.dumps(record, indent=1))

@@ -274,6 +274,13 @@ def training_inputs(wildcards):
     }
 
 
+def preprocessed_inputs(wildcards):
+    """The patch loader's preprocessed chunks (none for train.loader: queue)."""
+    if config["train"]["loader"] != "patch":
+        return {}
+    return {"preprocessed": expand(result("preprocessed/{chunk}"), chunk=resample_chunks("train")[0].names())}
+
+
 def fold_predictions(wildcards):
     return expand(
         result("fold{fold}/predictions/{subject}.nii.gz"),

@@ -191,3 +191,27 @@ rule place_resampled_test:
         **PLACE_RESOURCES,
     shell:
         f"{PLACE}place {{input.chunk:q}}/imagesTs/{{wildcards.subject:q}}.nii.gz {{output.image:q}}"
+
+
+rule preprocess_training:
+    """A chunk of resampled training subjects, normalised by the plan, cropped to their non-zero box and stored
+    as memory-mapped arrays with their label locations: the patch loader's input, shared by all folds."""
+    input:
+        staged=result("chunks/resample_training/{chunk}"),
+        plan=result("plan.json"),
+    output:
+        folder=directory(result("preprocessed/{chunk}")),
+    log:
+        log_path("preprocess_training", "{chunk}"),
+    benchmark:
+        benchmark_path("preprocess_training", "{chunk}")
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=chunk_runtime(lambda wildcards: resample_chunks("train")),
+    params:
+        subjects=lambda wildcards: list(resample_chunks("train")[0][wildcards.chunk]),
+        seed=config["seed"],
+    script:
+        "../scripts/preprocess.py"

@@ -6,6 +6,7 @@ rule plan_training:
     of the step, then of the whole pipeline on the resampled training subjects)."""
     input:
         unpack(training_inputs),
+        unpack(preprocessed_inputs),
         manifest=result("manifest.csv"),
         plan=result("plan.json"),
     output:
@@ -37,6 +38,7 @@ rule train:
     """Train one U-Net on all folds but {fold}, validate on fold {fold}; resumes from checkpoint.pt."""
     input:
         unpack(training_inputs),
+        unpack(preprocessed_inputs),
         manifest=result("manifest.csv"),
         plan=result("plan.json"),
         training_plan=result("training_plan.json"),

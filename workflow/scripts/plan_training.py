@@ -9,7 +9,8 @@ import torch
 
 from msdseg.config import check_labels
 from msdseg.data.manifest import read_manifest
-from msdseg.decathlon import label_map, subject_id
+from msdseg.data.preprocessed import training_rows
+from msdseg.decathlon import label_map
 from msdseg.devices import cpu_has_native_bf16
 from msdseg.files import write_text
 from msdseg.jobs.gpu_slots import gpu_slot
@@ -42,8 +43,8 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
     if here and "train.iterations" not in user:  # the step misses the data: settle from the pipeline's pace
         declared = {"seed": snakemake.params.seed, "model": snakemake.params.model,
                     "train": {**snakemake.params.train, "max_minutes": snakemake.params.budget_minutes}}
-        rows = [{"subject": subject_id(image), "image": image, "label": label}
-                for image, label in zip(snakemake.input.images, snakemake.input.labels)]
+        rows = training_rows(snakemake.input.images, snakemake.input.labels,
+                             getattr(snakemake.input, "preprocessed", []))
         planned = settle_iterations(planned, rows, plan, declared, snakemake.threads, snakemake.params.n_folds,
                                     device.type)
     settled = TrainingPlan.from_dict(planned)

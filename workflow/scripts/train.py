@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from msdseg.data.manifest import read_manifest, split_fold
-from msdseg.decathlon import subject_id
+from msdseg.data.preprocessed import training_rows
 from msdseg.jobs.gpu_slots import gpu_slot
 from msdseg.logs import job_log
 from msdseg.plan.preprocessing import read_plan
@@ -20,10 +20,8 @@ from msdseg.train.trainer import train
 with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.train["devices"])):
     fold = int(snakemake.wildcards.fold)
     split = split_fold(read_manifest(snakemake.input.manifest).set_index("subject")["fold"].to_dict(), fold)
-    subjects = [
-        {"subject": subject_id(image), "image": image, "label": label}
-        for image, label in zip(snakemake.input.images, snakemake.input.labels)
-    ]
+    preprocessed = getattr(snakemake.input, "preprocessed", [])
+    subjects = training_rows(snakemake.input.images, snakemake.input.labels, preprocessed)
     if not split.held_out:
         logging.getLogger("msdseg.train").warning(
             "fold %d: the task has one labelled subject, so it trains and validates on %s; "
@@ -32,13 +30,13 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.train["devices"]))
     plan = read_plan(snakemake.input.plan)
     # only the sections the rule declares (a change elsewhere never reaches training), with the plan's values
     declared = {"seed": snakemake.params.seed, "model": snakemake.params.model, "train": snakemake.params.train}
-    training_rows = [s for s in subjects if s["subject"] in split.training]
+    fold_rows = [s for s in subjects if s["subject"] in split.training]
     if training_plan["settings"]["train.iterations"]["value"] is None:  # planned on another machine
-        training_plan = settle_iterations(training_plan, training_rows, plan, declared, snakemake.threads,
+        training_plan = settle_iterations(training_plan, fold_rows, plan, declared, snakemake.threads,
                                           snakemake.params.n_folds, probe_step=True)
     logging.getLogger("msdseg.plan.preprocessing").info("training plan:\n%s", plan_table(training_plan))
     model_path = train(
-        training_rows,
+        fold_rows,
         [s for s in subjects if s["subject"] in split.validation],
         plan,
         apply_plan(declared, training_plan),

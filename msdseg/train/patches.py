@@ -1,0 +1,172 @@
+"""The patch loader: patches read and augmented one at a time from the preprocessed subjects.
+
+Patch ``n`` of a rank's stream is a pure function of (seed, rank, n): its subject, its centre and
+its augmentation come from a generator seeded with those three numbers. A ``DataLoader`` over
+the indices ``n = iteration * batch + j`` therefore yields the same batches with any number of
+workers, and a resumed run goes on at the index where it stopped.
+
+The seeds' vocabulary keeps its meaning: each pass over the subjects (an epoch, reshuffled per
+pass; under DDP each rank takes its share, as ``DistributedSampler`` would) draws
+``samples_per_volume`` patches per subject, and the order of patches is shuffled within windows
+of ``queue_length`` patches (what torchio's queue mixes). The centre follows ``train.sampler``:
+``label`` (a class drawn with ``label_probabilities`` among the classes the subject has, then one
+of its precomputed locations; no probabilities: foreground voxels alike), ``uniform`` or
+``weighted`` (locations drawn from the sampling map when preprocessing).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from msdseg.data.preprocessed import WEIGHTED, Preprocessed, open_subject
+from msdseg.decathlon import int_keys
+from msdseg.errors import ConfigError, SubjectError
+from msdseg.train.patch_augmentation import PatchAugmentation
+
+OPEN_SUBJECTS = 256  # memory maps a worker keeps open (pages stay in the shared page cache)
+
+
+class PatchStream(Dataset):
+    """Patch ``n`` -> (image (C, *patch) float32, label (*patch)) for one rank."""
+
+    def __init__(self, folders: Sequence[str], plan_hash: str, train: Mapping[str, Any], spatial_dims: int,
+                 seed: int, rank: int = 0, world: int = 1) -> None:
+        self.folders = [str(f) for f in folders]
+        if not self.folders:
+            raise ConfigError("the patch loader got no preprocessed subjects; check the manifest's training rows.")
+        self.plan_hash, self.seed, self.rank, self.world = plan_hash, int(seed), int(rank), int(world)
+        self.patch = tuple(int(p) for p in train["patch_size"])
+        self.sampler = str(train["sampler"])
+        probabilities = train.get("label_probabilities")
+        self.probabilities = ({str(k): float(v) for k, v in int_keys(probabilities).items()}
+                              if probabilities is not None else None)
+        if self.probabilities is not None and sum(self.probabilities.values()) <= 0:
+            raise ConfigError("config key 'train.label_probabilities': at least one probability must be > 0.")
+        self.samples_per_volume = int(train["samples_per_volume"])
+        self.window = max(int(train["queue_length"]), 1)
+        self.augmentation = PatchAugmentation(train["augmentation"], spatial_dims)
+        self._open: dict[int, Preprocessed] = {}
+
+    # ----------------------------------------------------------------- which subject
+    def share(self, epoch: int) -> np.ndarray:
+        """This rank's subjects (indices into ``folders``) in pass ``epoch``: the same shuffle on every rank."""
+        order = np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.folders))
+        return order[self.rank::self.world] if len(order) >= self.world else order
+
+    def per_epoch(self) -> int:
+        return len(self.share(0)) * self.samples_per_volume
+
+    @lru_cache(maxsize=4)  # noqa: B019 (a few passes; the stream lives as long as the run)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Subject of each patch of pass ``epoch``: each subject samples_per_volume times, shuffled by window."""
+        order = np.repeat(self.share(epoch), self.samples_per_volume)
+        rng = np.random.default_rng([self.seed, 2, self.rank, epoch])
+        for start in range(0, len(order), self.window):
+            order[start:start + self.window] = rng.permutation(order[start:start + self.window])
+        return order
+
+    def subject_of(self, index: int) -> int:
+        epoch, position = divmod(int(index), self.per_epoch())
+        return int(self.epoch_order(epoch)[position])
+
+    def subjects_drawn(self, patches: int) -> list[list[str]]:
+        """Subject ids of the passes the first ``patches`` patches reach (DDP diagnostics)."""
+        epochs = -(-int(patches) // self.per_epoch()) if patches else 0
+        return [[os.path.basename(self.folders[i]) for i in self.share(e)] for e in range(epochs)]
+
+    def _subject(self, index: int) -> Preprocessed:
+        if index not in self._open:
+            if len(self._open) >= OPEN_SUBJECTS:
+                self._open.pop(next(iter(self._open)))
+            self._open[index] = open_subject(self.folders[index], self.plan_hash)
+        return self._open[index]
+
+    # ----------------------------------------------------------------- one patch
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 3, self.rank, int(index)])
+        subject = self._subject(self.subject_of(index))
+        centre = self.patch_centre(subject, rng)
+        matrix = self.augmentation.draw_matrix(rng)
+        half = self.augmentation.region(self.patch, matrix)
+        low = np.floor(centre - half).astype(int)  # without an affine: the patch itself
+        size = np.ceil(centre + half).astype(int) + 1 - low
+        image, label = read_region(subject.image, low, size), read_region(subject.label, low, size)
+        return self.augmentation.apply(image, label, centre - low, self.patch, matrix, rng)
+
+    def patch_centre(self, subject: Preprocessed, rng: np.random.Generator) -> np.ndarray:
+        """The patch's centre (continuous voxel coordinates) as the sampler picks it, kept inside the volume."""
+        shape, patch = np.asarray(subject.shape), np.asarray(self.patch)
+        voxel = self._target_voxel(subject, rng)
+        if voxel is None:  # uniform: a patch anywhere inside (centred where the volume is smaller)
+            start = np.array([rng.integers(0, s - p + 1) if s >= p else (s - p) // 2 for s, p in zip(shape, patch)])
+        else:  # the voxel inside the patch; the patch inside the volume where it fits
+            start = voxel - patch // 2
+            start = np.where(shape >= patch, np.clip(start, 0, shape - patch), (shape - patch) // 2)
+        return start + (patch - 1) / 2
+
+    def _target_voxel(self, subject: Preprocessed, rng: np.random.Generator) -> np.ndarray | None:
+        if self.sampler == "uniform":
+            return None
+        if self.sampler == "weighted":
+            if WEIGHTED not in subject.locations:
+                raise SubjectError(subject.subject, str(subject.folder), "train.sampler 'weighted' needs a "
+                                   "sampling_map when preprocessing; add the column or use train.sampler: label.")
+            return _pick(subject.locations[WEIGHTED], rng)
+        present = {k: v for k, v in subject.counts.items() if v > 0 and k in subject.locations}
+        if self.probabilities is None:  # torchio's default: any foreground voxel, alike
+            weights = {k: float(v) for k, v in present.items() if k != "0"}
+        else:
+            weights = {k: p for k, p in self.probabilities.items() if k in present and p > 0}
+        if not weights:  # nothing to aim at (empty label, or only absent classes asked for)
+            return None
+        classes = sorted(weights)
+        p = np.asarray([weights[c] for c in classes])
+        chosen = classes[int(rng.choice(len(classes), p=p / p.sum()))]
+        return _pick(subject.locations[chosen], rng)
+
+
+def _pick(locations: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(locations[int(rng.integers(len(locations)))], dtype=np.int64)
+
+
+def read_region(array: np.ndarray, low: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """``array[..., low:low+size]`` over the last three axes, zero outside the array (a copy)."""
+    spatial = array.shape[-3:]
+    out = np.zeros((*array.shape[:-3], *(int(s) for s in size)), dtype=array.dtype)
+    source, target = [], []
+    for lo, n, dim in zip(low, size, spatial):
+        a, b = max(int(lo), 0), min(int(lo) + int(n), dim)
+        if b <= a:
+            return out
+        source.append(slice(a, b))
+        target.append(slice(a - int(lo), b - int(lo)))
+    lead = (slice(None),) * (array.ndim - 3)
+    out[(*lead, *target)] = array[(*lead, *source)]
+    return out
+
+
+class CountFrom(Sampler[int]):
+    """Indices ``start, start + 1, ...`` without end (the loop decides when training stops)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+def make_patch_loader(stream: PatchStream, batch_size: int, start_batch: int, num_workers: int,
+                      pin_memory: bool = False) -> DataLoader:
+    """Batches ``start_batch, start_batch + 1, ...`` of the stream; workers keep it ahead of the step."""
+    workers = int(num_workers)
+    return DataLoader(stream, batch_size=int(batch_size), sampler=CountFrom(int(start_batch) * int(batch_size)),
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
