@@ -19,6 +19,8 @@ from msdseg.errors import PlanError
 from msdseg.model.unet import load_model
 from msdseg.plan.budget import (
     MAX_VALIDATION_PATCHES,
+    MIN_ITERATIONS,
+    PIPELINE_OVERHEAD,
     SETTLE_MIN_STEPS,
     SETTLE_SHARE,
     TARGET_ITERATIONS,
@@ -139,7 +141,7 @@ def test_cpu_budget_sets_iterations_and_cadence_from_the_probe() -> None:
 
 def test_a_short_budget_buys_fewer_steps_not_patches_without_context() -> None:
     fingerprint = published_fingerprint(TASKS["Task04_Hippocampus"])
-    short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 3, {}, probe=flop_probe(0.5))
+    short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 3, {}, probe=flop_probe(0.1))
     patch = short.value("train.patch_size")
     floor = context_floor(fingerprint, 3)
     assert all(p >= f for p, f in zip(patch, floor)), patch
@@ -148,6 +150,18 @@ def test_a_short_budget_buys_fewer_steps_not_patches_without_context() -> None:
     assert "context" in short.settings["train.patch_size"].reason
     roomy = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
     assert roomy.value("train.iterations") >= TARGET_ITERATIONS
+
+
+def test_a_budget_below_the_stated_minimum_is_refused_with_the_minimum() -> None:
+    """The only refusal for size: fewer than MIN_ITERATIONS steps of the smallest plan with context."""
+    fingerprint = published_fingerprint(TASKS["Task09_Spleen"])
+    fifteen = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
+    step = fifteen.seconds_per_step * PIPELINE_OVERHEAD["cpu"]
+    minimum = MIN_ITERATIONS * step / USABLE_SHARE / 60
+    with pytest.raises(PlanError, match=rf"at least {minimum:.1f} minutes here \({MIN_ITERATIONS} steps\)"):
+        plan_training(fingerprint, DeviceSpec("cpu", threads=2), 0.9 * minimum, {}, probe=flop_probe())
+    accepted = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 1.1 * minimum, {}, probe=flop_probe())
+    assert 0.9 * MIN_ITERATIONS <= accepted.value("train.iterations") < TARGET_ITERATIONS  # less validation's share
 
 
 def test_classes_absent_from_every_label_get_no_patches() -> None:
@@ -296,5 +310,5 @@ def test_the_run_settles_its_iterations_only_where_the_planner_planned_them() ->
     assert settle_at == max(SETTLE_MIN_STEPS, math.ceil(SETTLE_SHARE * iterations)) and 2 * settle_at <= iterations
     mine = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {"train.iterations": 5000}, probe=flop_probe())
     assert mine.value("train.settle_at") is None and "yours" in mine.settings["train.settle_at"].reason
-    short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 0.2, {}, probe=flop_probe())
+    short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 0.7, {}, probe=flop_probe())
     assert short.value("train.settle_at") is None  # too few steps to measure a pace first

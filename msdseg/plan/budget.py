@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from msdseg.config import PLANNED_KEYS  # noqa: F401  (re-exported: the planner's keys)
 from msdseg.decathlon import label_map
+from msdseg.errors import PlanError
 from msdseg.plan.fingerprint import DeviceSpec, Fingerprint
 from msdseg.plan.network import CONTEXT_CAP, MAX_CPU_BATCH, Network, batch_cap, context_floor, network_for
 from msdseg.plan.record import StepProbe, TrainingPlan
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # annotations only: planning a known task's table needs no pa
 
 
 TARGET_ITERATIONS = 1500  # the fewest steps a budget should buy on a slow device
+MIN_ITERATIONS = 100  # below this many steps of the smallest plan a budget trains nothing worth predicting with
 
 
 USABLE_SHARE = 0.95  # of the budget: start-up, queue filling and checkpoints take the rest
@@ -63,6 +65,13 @@ def _fit_budget(networks: Sequence[Network], fingerprint: Fingerprint, plan: Tra
             break
     assert last is not None
     network, batch, measured = last
+    if budget_s / (measured * overhead) < MIN_ITERATIONS:
+        minimum = MIN_ITERATIONS * measured * overhead / USABLE_SHARE / 60.0
+        raise PlanError(f"config key 'train.max_minutes': {plan.budget_minutes:g} minutes buy "
+                        f"{budget_s / (measured * overhead):.0f} steps of the smallest patch with enough context "
+                        f"({list(network.patch)}, measured {measured:.3f} s/step on {plan.device.describe()}); "
+                        f"this task needs at least {minimum:.1f} minutes here ({MIN_ITERATIONS} steps). "
+                        "Raise train.max_minutes, or train on a GPU.")
     if budget_s / (measured * overhead) >= TARGET_ITERATIONS:
         return network, batch, measured, (f"largest patch/width with >= {TARGET_ITERATIONS} steps in the budget "
                                           f"(measured {measured:.3f} s/step)")

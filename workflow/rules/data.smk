@@ -211,7 +211,6 @@ rule preprocess_training:
         mem_mb=4000,
         runtime=chunk_runtime(lambda wildcards: resample_chunks("train")),
     params:
-        subjects=lambda wildcards: list(resample_chunks("train")[0][wildcards.chunk]),
         seed=config["seed"],
     script:
         "../scripts/preprocess.py"
