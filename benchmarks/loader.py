@@ -22,7 +22,9 @@ dummy batches (no data loading at all), for task04 and brats at their CPU plans.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,7 +86,7 @@ def write_cohort(name: str, folder: Path) -> tuple[list[dict[str, str]], dict[st
 def _volume(name: str, channels: int, shape: tuple[int, ...], n_labels: int,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
-    body = (grid ** 2).sum(0) < 0.8 ** 2
+    body = (grid ** 2).sum(0) < 0.8 ** 2 if name != "task04" else np.ones(shape, bool)  # hippocampus crops: no zeros
     label = np.zeros(shape, np.uint8)
     for value in range(1, n_labels):  # nested blobs, smaller for higher labels
         centre = rng.uniform(-0.3, 0.3, 3).astype(np.float32)[:, None, None, None]
@@ -124,16 +126,24 @@ def measure(batches: Iterator[Any], batch: int, seconds: float) -> tuple[float, 
     return first, count / (time.perf_counter() - t0)
 
 
-def children_memory_mb() -> tuple[float, float]:
-    """(RSS, PSS) summed over this process's children (the loader workers), MB."""
-    rss = pss = 0.0
+def children_memory_mb() -> tuple[float, float, float]:
+    """(RSS, PSS, anonymous RSS) summed over this process's children (the loader workers), MB.
+
+    RSS and PSS count the mapped pages of the preprocessed files, which are the kernel's page
+    cache (shared by all workers, dropped under memory pressure); the anonymous RSS is what the
+    workers hold of their own (buffers, batches in flight, Python and torch).
+    """
+    rss = pss = anonymous = 0.0
     for child in psutil.Process().children(recursive=True):
         try:
             info = child.memory_full_info()
-        except psutil.Error:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+        except (psutil.Error, OSError):
             continue
         rss, pss = rss + info.rss / 2**20, pss + getattr(info, "pss", info.rss) / 2**20
-    return rss, pss
+        anonymous += next((int(line.split()[1]) / 1024 for line in status.splitlines()
+                           if line.startswith("RssAnon:")), 0.0)
+    return rss, pss, anonymous
 
 
 def run_patch(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, Any], seconds: float,
@@ -141,8 +151,30 @@ def run_patch(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, A
     stream = PatchStream([r["preprocessed"] for r in rows], plan_hash(plan), cfg, 3, seed=0)
     loader = make_patch_loader(stream, cfg["batch_size"], 0, workers)
     first, rate = measure(iter(loader), cfg["batch_size"], seconds)
-    rss, pss = children_memory_mb()
-    return {"first_batch_s": first, "patches_per_s": rate, "workers_rss_mb": rss, "workers_pss_mb": pss}
+    rss, pss, anonymous = children_memory_mb()
+    return {"first_batch_s": first, "patches_per_s": rate, "workers_rss_mb": rss, "workers_pss_mb": pss,
+            "workers_anon_mb": anonymous}
+
+
+def workers_memory(data: Path, workers: int, seconds: float) -> dict[str, Any]:
+    """Proportional set size of ``workers`` patch-loader workers on the BrainTumour-like cohort at 128^3.
+
+    PSS splits pages shared between processes (the mapped files, the interpreter's pages inherited
+    from the parent), so the sum over the workers is what they add to the machine.
+    """
+    rows, plan = write_cohort("brats", data / "brats")
+    rows = preprocess_subjects(rows, plan, data / "brats-preprocessed")
+    cfg = train_settings([128, 128, 128], 2)
+    stream = PatchStream([r["preprocessed"] for r in rows], plan_hash(plan), cfg, 3, seed=0)
+    first, rate = measure(iter(make_patch_loader(stream, 2, 0, workers)), 2, seconds)
+    total: dict[str, float] = {}
+    for child in psutil.Process().children(recursive=True):
+        for line in Path(f"/proc/{child.pid}/smaps_rollup").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                total[key] = total.get(key, 0.0) + int(line.split()[1]) / 1024
+    return {"first_batch_s": first, "patches_per_s": rate, "workers_pss_mb": total.get("Pss", 0.0),
+            "workers_anon_mb": total.get("Pss_Anon", 0.0), "workers_file_mb": total.get("Pss_File", 0.0)}
 
 
 def run_queue(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -154,8 +186,9 @@ def run_queue(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, A
             yield from loader
 
     first, rate = measure(forever(), cfg["batch_size"], seconds)
-    rss, pss = children_memory_mb()
-    return {"first_batch_s": first, "patches_per_s": rate, "workers_rss_mb": rss, "workers_pss_mb": pss}
+    rss, pss, anonymous = children_memory_mb()
+    return {"first_batch_s": first, "patches_per_s": rate, "workers_rss_mb": rss, "workers_pss_mb": pss,
+            "workers_anon_mb": anonymous}
 
 
 def run_monai(rows: list[dict[str, Any]], cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -170,6 +203,7 @@ def run_monai(rows: list[dict[str, Any]], cfg: dict[str, Any], seconds: float) -
         from msdseg.data.preprocessed import open_subject
         subject = open_subject(row["preprocessed"])
         item = {"image": np.asarray(subject.image), "label": np.asarray(subject.label)[None]}
+        item = mt.SpatialPadd(["image", "label"], spatial_size=cfg["patch_size"])(item)
         cached.append(mt.FgBgToIndicesd(keys="label")(item))
     keys = ["image", "label"]
     random_part = mt.Compose([
@@ -202,28 +236,34 @@ def run_nnunet(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, 
     try:
         from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
         from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.label_handling.label_handling import LabelManager
     except ImportError:
         return {"note": "nnunetv2 not installed"}
     from msdseg.data.preprocessed import open_subject
+    patch = tuple(int(p) for p in cfg["patch_size"])
+    folder = folder / "x".join(map(str, patch))  # nnU-Net chunks its files for the patch
     folder.mkdir(parents=True, exist_ok=True)
     for row in rows:  # nnU-Net's preprocessed format: blosc2 arrays + class locations (channel first)
         target = folder / row["subject"]
         if not Path(f"{target}.b2nd").exists():
             subject = open_subject(row["preprocessed"])
+            data, seg = np.asarray(subject.image), np.asarray(subject.label)[None].astype(np.int16)
             locations = {int(k): np.concatenate([np.zeros((len(v), 1), np.int64), v], 1)
                          for k, v in subject.locations.items() if k != "0"}
-            nnUNetDatasetBlosc2.save_case(np.asarray(subject.image), np.asarray(subject.label)[None].astype(np.int8),
-                                          {"class_locations": locations}, str(target))
+            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
+            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
+            nnUNetDatasetBlosc2.save_case(data, seg, {"class_locations": locations}, str(target), chunks=chunks,
+                                          blocks=blocks, chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     dataset = nnUNetDatasetBlosc2(str(folder), [r["subject"] for r in rows])
-    patch = np.asarray(cfg["patch_size"])
+    patch = np.asarray(patch)
     rotation = (-np.pi / 6, np.pi / 6)  # nnU-Net's 3D default
     initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
     transforms = nnUNetTrainer.get_training_transforms(patch, rotation, None, (0, 1, 2), False,
                                                        foreground_labels=list(range(1, len(plan["labels"]))))
-    labels = LabelManager({name: int(k) for k, name in plan["labels"].items()}, regions_class_order=None)
+    labels = LabelManager({("background" if k == "0" else name): int(k) for k, name in plan["labels"].items()},
+                          regions_class_order=None)
     loader = nnUNetDataLoader(dataset, cfg["batch_size"], initial, patch, labels, oversample_foreground_percent=0.33,
                               transforms=transforms)
     threads = torch.get_num_threads()
@@ -238,7 +278,8 @@ def run_nnunet(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, 
 def pace_pair(rows: list[dict[str, Any]], plan: dict[str, Any], training_plan: dict[str, Any], threads: int,
               steps: int) -> dict[str, float]:
     """Median s/step training with the patch loader vs with dummy batches (the same shapes, no loading)."""
-    config = apply_plan(load_config({"task": "bench", "train": {"augmentation": AUGMENTATION}}), training_plan)
+    raw = {"task": "bench", "source": {"folder": "unused"}, "train": {"augmentation": AUGMENTATION}}
+    config = apply_plan(load_config(raw), training_plan)
     config["train"].update(iterations=steps, validate_every=10**6, settle_at=None, checkpoint_every=10**6,
                            max_minutes=60)
     pace = {}
@@ -291,8 +332,12 @@ def main() -> None:
     parser.add_argument("--loaders", default="queue,patch,monai,nnunet")
     parser.add_argument("--steps", type=int, default=40, help="training steps per pace measurement (0: none)")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "msdseg-loader-bench")
+    parser.add_argument("--workers-memory", type=int, default=0, help="only: PSS of N workers on brats at 128^3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.workers_memory:
+        print(json.dumps(workers_memory(args.data, args.workers_memory, args.seconds)))
+        return
     loaders = args.loaders.split(",")
     table, pairs = [], []
     for name in args.only.split(","):
@@ -320,10 +365,12 @@ def main() -> None:
                 pace = pace_pair(rows, plan, planned, args.threads, args.steps)
                 pairs.append({"cohort": name, "patch": label, "loader s/step": pace["loader"],
                               "dummy s/step": pace["dummy"], "ratio": pace["loader"] / pace["dummy"]})
-        if name == "brats" and "patch" in loaders:  # resident memory of 8 workers
-            big = train_settings([128, 128, 128], 2)
-            result = run_patch(rows, plan, big, args.seconds, workers=8)
-            table.append({"cohort": name, "patch": "128x128x128", "loader": "patch, 8 workers", **result})
+        if name == "brats" and "patch" in loaders:  # 8 workers' memory, measured from a fresh process
+            command = [sys.executable, __file__, "--workers-memory", "8", "--seconds", str(args.seconds),
+                       "--data", str(args.data)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            table.append({"cohort": name, "patch": "128x128x128", "loader": "patch, 8 workers",
+                          **json.loads(done.stdout.strip().splitlines()[-1])})
     frame = pd.DataFrame(table)
     print(frame.to_markdown(index=False, floatfmt=".2f"))
     if pairs:

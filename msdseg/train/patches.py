@@ -94,11 +94,14 @@ class PatchStream(Dataset):
         rng = np.random.default_rng([self.seed, 3, self.rank, int(index)])
         subject = self._subject(self.subject_of(index))
         centre = self.patch_centre(subject, rng)
-        matrix = self.augmentation.draw_matrix(rng)
+        matrix, flips = self.augmentation.draw_matrix(rng), self.augmentation.draw_flips(rng)
         half = self.augmentation.region(self.patch, matrix)
         low = np.floor(centre - half).astype(int)  # without an affine: the patch itself
         size = np.ceil(centre + half).astype(int) + 1 - low
-        image, label = read_region(subject.image, low, size), read_region(subject.label, low, size)
+        if matrix is not None:  # mirroring patch axis a reads the region at -u_a: a sign in the matrix
+            matrix = matrix * np.where(np.isin(np.arange(3), flips), -1.0, 1.0)[None, :]
+            flips = ()
+        image, label = read_region(subject.image, low, size, flips), read_region(subject.label, low, size, flips)
         return self.augmentation.apply(image, label, centre - low, self.patch, matrix, rng)
 
     def patch_centre(self, subject: Preprocessed, rng: np.random.Generator) -> np.ndarray:
@@ -137,19 +140,23 @@ def _pick(locations: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(locations[int(rng.integers(len(locations)))], dtype=np.int64)
 
 
-def read_region(array: np.ndarray, low: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """``array[..., low:low+size]`` over the last three axes, zero outside the array (a copy)."""
-    spatial = array.shape[-3:]
-    out = np.zeros((*array.shape[:-3], *(int(s) for s in size)), dtype=array.dtype)
+def read_region(array: np.ndarray, low: np.ndarray, size: np.ndarray, flips: tuple[int, ...] = ()) -> np.ndarray:
+    """``array[..., low:low+size]`` over the last three axes, zero outside, mirrored along ``flips``: one copy."""
+    lead = array.ndim - 3
+    out = np.zeros((*array.shape[:lead], *(int(s) for s in size)), dtype=array.dtype)
     source, target = [], []
-    for lo, n, dim in zip(low, size, spatial):
+    for axis, (lo, n, dim) in enumerate(zip(low, size, array.shape[lead:])):
         a, b = max(int(lo), 0), min(int(lo) + int(n), dim)
         if b <= a:
             return out
-        source.append(slice(a, b))
-        target.append(slice(a - int(lo), b - int(lo)))
-    lead = (slice(None),) * (array.ndim - 3)
-    out[(*lead, *target)] = array[(*lead, *source)]
+        t0, t1 = a - int(lo), b - int(lo)
+        if axis in flips:  # the mirrored region: target counted from the other end, source read backwards
+            t0, t1 = int(n) - t1, int(n) - t0
+            source.append(slice(b - 1, a - 1 if a > 0 else None, -1))
+        else:
+            source.append(slice(a, b))
+        target.append(slice(t0, t1))
+    out[(*(slice(None),) * lead, *target)] = array[(*(slice(None),) * lead, *source)]
     return out
 
 
@@ -169,4 +176,4 @@ def make_patch_loader(stream: PatchStream, batch_size: int, start_batch: int, nu
     workers = int(num_workers)
     return DataLoader(stream, batch_size=int(batch_size), sampler=CountFrom(int(start_batch) * int(batch_size)),
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=2 if workers > 0 else None)

@@ -1,0 +1,46 @@
+"""A Spleen-sized CT task with only task, source and a 15-minute budget, end to end on this machine.
+
+15 minutes of training make this the one test CI does not run: set MSDSEG_LONG_TESTS=1 to run it
+(about 25 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from helpers import assert_dice_floors, write_task_folder
+from msdseg.model.unet import load_model
+from test_workflow_planned import _run
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(3600),
+    pytest.mark.skipif(os.environ.get("MSDSEG_LONG_TESTS", "0") in ("", "0"),
+                       reason="15 minutes of training: set MSDSEG_LONG_TESTS=1 to run it"),
+]
+
+BUDGET_MINUTES = 15
+
+
+def test_spleen_sized_ct_plans_trains_within_budget_and_scores(tmp_path: Path) -> None:
+    """1 channel, 512 x 512 x 90 at 0.8 x 0.8 x 5 mm (Spleen's size): refused before patch validation."""
+    task = write_task_folder(tmp_path / "data", "Task87_SpleenLike", labels=("background", "spleen"),
+                             shape=(512, 512, 90), spacing=(0.8, 0.8, 5.0), n_train=8, n_test=0, modality="CT")
+    plan, training, summary_csv = _run(tmp_path, task, minutes=BUDGET_MINUTES)
+    results = summary_csv.parent
+    assert plan["normalization"] == "ct" and plan["target_spacing"] == pytest.approx([0.8, 0.8, 5.0])
+    settings = training["settings"]
+    assert settings["train.validation_patches"]["value"] >= 1 and "pseudo-Dice" in settings[
+        "train.validation_patches"]["reason"]
+    _, meta = load_model(results / "fold0" / "model.pt")
+    benchmark = pd.read_csv(results / "benchmarks" / "train" / "fold0.tsv", sep="\t")
+    seconds = float(benchmark["s"].iloc[0])
+    print(f"train job {seconds:.0f} s of {BUDGET_MINUTES * 60} s; {meta['iterations']} iterations "
+          f"(planned {meta['iterations_planned']}, settled {meta['iterations_settled']})")
+    assert seconds <= BUDGET_MINUTES * 60 * 1.05 + 60  # the budget, 5%, and the job's start-up
+    assert not meta["budget_exhausted"] or meta["iterations"] >= 0.95 * (meta["iterations_settled"] or 0)
+    assert_dice_floors(summary_csv, {"spleen": 0.5})
