@@ -299,7 +299,7 @@ def test_the_budget_follows_the_measured_pipeline_not_the_bare_step(synthetic_di
     iterations = settled["settings"]["train.iterations"]["value"]
     assert iterations < bare["settings"]["train.iterations"]["value"] / 2
     assert iterations * slower.step_s + slower.startup_s <= 15 * 60 * USABLE_SHARE
-    assert "patch queue measured" in settled["settings"]["train.iterations"]["reason"]
+    assert "training loader measured" in settled["settings"]["train.iterations"]["reason"]
     assert settled["pipeline_seconds_per_step"] == slower.step_s
 
 

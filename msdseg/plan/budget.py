@@ -130,7 +130,7 @@ def _plan_budget(plan: TrainingPlan, fingerprint: Fingerprint, network: Network,
         measured = "probe, with the data queue's usual share"
     else:
         step_s, budget_s = pace.step_s, budget_s - pace.startup_s
-        measured = f"{pace.steps} steps with the patch queue measured; {pace.startup_s:.0f} s to start"
+        measured = f"{pace.steps} steps with the training loader measured; {pace.startup_s:.0f} s to start"
     validations = VALIDATIONS
     patches = int(plan.put(
         "train.validation_patches", validation_patch_count(fingerprint, network, forward_s, budget_s, validations),

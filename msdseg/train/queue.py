@@ -1,4 +1,4 @@
-"""The torchio patch queue and its samplers: the training data path."""
+"""torchio's whole-volume patch queue and its samplers (train.loader: queue; the default is msdseg.train.patches)."""
 
 from __future__ import annotations
 
