@@ -1,7 +1,7 @@
 """A Spleen-sized CT task with only task, source and a 15-minute budget, end to end on this machine.
 
 15 minutes of training make this the one test CI does not run: set MSDSEG_LONG_TESTS=1 to run it
-(about 25 minutes on 2 cores).
+(measured: 21 minutes on 2 cores; training 804 s of the 900 s budget, 1130 iterations).
 """
 
 from __future__ import annotations
@@ -43,4 +43,4 @@ def test_spleen_sized_ct_plans_trains_within_budget_and_scores(tmp_path: Path) -
           f"(planned {meta['iterations_planned']}, settled {meta['iterations_settled']})")
     assert seconds <= BUDGET_MINUTES * 60 * 1.05 + 60  # the budget, 5%, and the job's start-up
     assert not meta["budget_exhausted"] or meta["iterations"] >= 0.95 * (meta["iterations_settled"] or 0)
-    assert_dice_floors(summary_csv, {"spleen": 0.5})
+    assert_dice_floors(summary_csv, {"spleen": 0.9})  # measured 0.999 (an ellipsoid organ: the test is the budget)
