@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +42,39 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
                 "run again (the previous version of the file, if any, is intact)",
             ) from error
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; it replaces ``final`` only on success (the folder
+    counterpart of :func:`atomic_path`: a failure leaves no folder at ``final`` that a rerun would trust)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    try:
+        yield staging
+        replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> bool:
+    """Rename ``source`` onto ``destination``; an older ``destination`` is removed only afterwards (and
+    put back if the rename fails). Returns whether one was replaced."""
+    source, destination = Path(source), Path(destination)
+    if not destination.exists():
+        os.rename(source, destination)
+        return False
+    old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
+    os.rename(destination, old / destination.name)
+    try:
+        os.rename(source, destination)
+    except OSError:
+        os.rename(old / destination.name, destination)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def _nearly_full(folder: Path, margin_bytes: int = 1 << 20) -> bool:

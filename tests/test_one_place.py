@@ -130,3 +130,11 @@ def test_train_rules_params_and_checkpoint_identity_read_the_same_key_sets() -> 
         if key in RESUMABLE_KEYS:
             assert not in_identity, f"train.{key} only schedules or paces, yet blocks resuming"
         assert set(pace_settings(config["train"])) <= set(train_job_settings(config["train"]))
+
+
+@pytest.mark.parametrize("text", ["a training subject needs a label", "needs a 'sampling_map' path per subject",
+                                  "tempfile.mkdtemp(prefix=f\".{final.name}."])
+def test_what_a_training_subject_needs_and_the_staged_folder_are_written_once(text: str) -> None:
+    """msdseg.data.subjects.check_trainable (both loaders), msdseg.files.atomic_folder (every staged folder)."""
+    places = [str(path.relative_to(ROOT)) for path in SOURCES if text in path.read_text()]
+    assert len(places) == 1, f"{text!r} is written in {places}"

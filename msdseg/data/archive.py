@@ -19,6 +19,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+from msdseg import files
 from msdseg.errors import ArchiveError
 
 log = logging.getLogger(__name__)
@@ -167,17 +168,5 @@ def safe_extract(archive: Path, destination: Path) -> Path:
 
 
 def _replace_dir(source: Path, destination: Path) -> None:
-    """Rename ``source`` onto ``destination``, removing an older ``destination`` afterwards."""
-    if not destination.exists():
-        os.rename(source, destination)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
-    os.rename(destination, old / destination.name)
-    try:
-        os.rename(source, destination)
-    except OSError:
-        os.rename(old / destination.name, destination)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-    log.warning("%s: replaced the folder that was there", destination)
+    if files.replace_folder(source, destination):
+        log.warning("%s: replaced the folder that was there", destination)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from msdseg import files
 from msdseg.data.normalize import preprocessing
-from msdseg.data.subjects import IMAGE, LABEL, SAMPLING_MAP, subjects_from_paths
+from msdseg.data.subjects import IMAGE, LABEL, SAMPLING_MAP, check_trainable, subjects_from_paths
 from msdseg.decathlon import subject_id
 from msdseg.errors import SubjectError
 
@@ -76,9 +75,7 @@ def preprocess_subject(row: Mapping[str, Any], plan: Mapping[str, Any], folder: 
     if _complete(final, expected):
         return final
     subject = subjects_from_paths([row])[0]
-    if LABEL not in subject:
-        raise SubjectError(name, str(row["image"]), "a training subject needs a label; only role 'train' "
-                                                     "rows are preprocessed for training.")
+    check_trainable(name, str(row["image"]), LABEL in subject, True, "label")  # the sampler is the loader's
     raw = subject[IMAGE].data
     crop = nonzero_box(raw.numpy())
     normalised = preprocessing(plan, copy=False)(subject)
@@ -96,7 +93,7 @@ def preprocess_subject(row: Mapping[str, Any], plan: Mapping[str, Any], folder: 
     meta = {"format": FORMAT, "plan_hash": expected, "subject": name, "image_shape": list(image.shape),
             "image_dtype": str(image.dtype), "label_dtype": str(label.dtype), "crop": [[s.start, s.stop] for s in crop],
             "source_shape": list(raw.shape[1:]), "counts": counts}
-    with _staged_folder(final) as staging:
+    with files.atomic_folder(final) as staging:
         np.save(staging / "image.npy", image)
         np.save(staging / "label.npy", label)
         np.savez(staging / "locations.npz", **locations)
@@ -171,26 +168,6 @@ def _complete(folder: Path, expected_hash: str) -> bool:
     except SubjectError:
         return False
     return True
-
-
-class _staged_folder:
-    """A temporary folder beside ``final``, renamed onto it only if the block succeeds."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".part", dir=self.final.parent))
-        return self.staging
-
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
-        if kind is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.staging, self.final)
 
 
 def preprocess_subjects(rows: Sequence[Mapping[str, Any]], plan: Mapping[str, Any],

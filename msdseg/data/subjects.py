@@ -47,6 +47,16 @@ class PadToAtLeast(tio.SpatialTransform):
         return tio.Pad(padding, padding_mode=0)(subject)
 
 
+def check_trainable(subject: str, image: str, has_label: bool, has_sampling_map: bool, sampler: str) -> None:
+    """What every training loader needs of a subject (the patch loader and torchio's queue alike)."""
+    if not has_label:
+        raise SubjectError(subject, image,
+                           "a training subject needs a label; only role 'train' rows can be trained on.")
+    if sampler == "weighted" and not has_sampling_map:
+        raise SubjectError(subject, image, "train.sampler 'weighted' needs a 'sampling_map' path per subject; "
+                           "add the column or use train.sampler: label.")
+
+
 def subjects_from_paths(rows: Sequence[Mapping[str, Any]]) -> list[tio.Subject]:
     """torchio subjects from rows with keys subject, image and (optional) label / sampling_map.
 

@@ -10,8 +10,8 @@ import torch
 import torchio as tio
 
 from msdseg.data.preprocessed import plan_hash, preprocess_subjects
-from msdseg.data.subjects import IMAGE, LABEL, SAMPLING_MAP
-from msdseg.errors import ConfigError, SubjectError
+from msdseg.data.subjects import IMAGE, LABEL, SAMPLING_MAP, check_trainable
+from msdseg.errors import ConfigError
 from msdseg.logs import say
 from msdseg.train.patches import PatchStream, make_patch_loader
 from msdseg.train.queue import make_loader, make_queue
@@ -33,13 +33,8 @@ def preprocessed_rows(rows: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]
                       folder: Path, seed: int) -> list[dict[str, Any]]:
     """Rows with a ``preprocessed`` folder each; rows without one (API calls) are preprocessed into ``folder``."""
     for row in rows:
-        if not row.get("label"):
-            raise SubjectError(str(row.get("subject", "?")), str(row.get("image")),
-                               "a training subject needs a label; only role 'train' rows can be trained on.")
-        if cfg_train["sampler"] == "weighted" and not row.get(SAMPLING_MAP):
-            raise SubjectError(str(row["subject"]), str(row["image"]),
-                               "train.sampler 'weighted' needs a 'sampling_map' path per subject; "
-                               "add the column or use train.sampler: label.")
+        check_trainable(str(row.get("subject", "?")), str(row.get("image")), bool(row.get("label")),
+                        bool(row.get(SAMPLING_MAP)), cfg_train["sampler"])
     missing = [row for row in rows if not row.get("preprocessed")]
     if not missing:
         return [dict(row) for row in rows]

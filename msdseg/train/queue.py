@@ -10,9 +10,9 @@ import torch
 import torchio as tio
 from torch.utils.data import DataLoader, Sampler
 
-from msdseg.data.subjects import IMAGE, LABEL, SAMPLING_MAP
+from msdseg.data.subjects import IMAGE, LABEL, SAMPLING_MAP, check_trainable
 from msdseg.decathlon import int_keys
-from msdseg.errors import ConfigError, SubjectError
+from msdseg.errors import ConfigError
 from msdseg.train.augmentation import training_transform
 
 
@@ -85,13 +85,8 @@ def make_queue(subjects: Sequence[tio.Subject], plan: Mapping[str, Any], train: 
     config's train section.
     """
     for subject in subjects:
-        if LABEL not in subject:
-            raise SubjectError(subject["subject"], str(subject[IMAGE].path),
-                               "a training subject needs a label; only role 'train' rows can be trained on.")
-        if train["sampler"] == "weighted" and SAMPLING_MAP not in subject:
-            raise SubjectError(subject["subject"], str(subject[IMAGE].path),
-                               "train.sampler 'weighted' needs a 'sampling_map' path per subject; "
-                               "add the column or use train.sampler: label.")
+        check_trainable(subject["subject"], str(subject[IMAGE].path), LABEL in subject, SAMPLING_MAP in subject,
+                        train["sampler"])
     if transform is None:  # (an empty tio.Compose is falsy: test for None)
         transform = training_transform(plan, train, spatial_dims)
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
