@@ -33,6 +33,7 @@ from msdseg.plan.fingerprint import DeviceSpec, published_fingerprint
 from msdseg.plan.network import Network, context_floor, network_for
 from msdseg.plan.preprocessing import median_target_spacing
 from msdseg.plan.record import apply_plan
+from msdseg.plan.resolution import MAX_COARSENING, plan_resolution, resolution_for_cohort
 from msdseg.plan.training import plan_training
 from msdseg.train import loop as train_loop
 from msdseg.train.probe import Pace, pipeline_pace
@@ -312,3 +313,64 @@ def test_the_run_settles_its_iterations_only_where_the_planner_planned_them() ->
     assert mine.value("train.settle_at") is None and "yours" in mine.settings["train.settle_at"].reason
     short = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 0.7, {}, probe=flop_probe())
     assert short.value("train.settle_at") is None  # too few steps to measure a pace first
+
+
+# --- the resolution a CPU budget affords (msdseg.plan.resolution) ---------------------------------
+
+LARGE_TASKS = ("Task01_BrainTumour", "Task03_Liver", "Task06_Lung", "Task09_Spleen")
+
+
+@pytest.mark.parametrize("task", LARGE_TASKS)
+def test_a_cpu_budget_too_short_for_full_resolution_context_plans_coarser(task: str) -> None:
+    """nnU-Net's low-resolution idea: the 15-minute CPU plan of a large task keeps half the median
+    image in its patch at a coarser spacing, where at full resolution the patch covers less."""
+    fingerprint = published_fingerprint(TASKS[task])
+    resolution = plan_resolution(fingerprint.target_spacing, fingerprint.median_shape, fingerprint.n_channels,
+                                 "cpu", 2, 15)
+    assert resolution.factor > 1.2 and "low resolution" in resolution.reason
+    assert all(c >= f for c, f in zip(resolution.spacing, fingerprint.target_spacing))
+    assert resolution.as_dict()["spacing"] == list(resolution.spacing)
+    coarse = fingerprint.at_spacing(resolution.spacing)
+    full_plan = plan_training(fingerprint, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
+    coarse_plan = plan_training(coarse, DeviceSpec("cpu", threads=2), 15, {}, probe=flop_probe())
+    full_cover = [p / s for p, s in zip(full_plan.value("train.patch_size"), fingerprint.median_shape)]
+    coarse_cover = [p / s for p, s in zip(coarse_plan.value("train.patch_size"), coarse.median_shape)]
+    assert min(full_cover) < 0.5  # the context the full-resolution plan loses
+    assert min(coarse_cover) > min(full_cover)
+
+
+def test_small_images_and_gpus_keep_full_resolution() -> None:
+    hippocampus = published_fingerprint(TASKS["Task04_Hippocampus"])
+    for minutes in (0.5, 3, 15):  # 36x50x35: the CPU plan keeps half of it at any budget
+        kept = plan_resolution(hippocampus.target_spacing, hippocampus.median_shape, 1, "cpu", 2, minutes)
+        assert kept.spacing == hippocampus.target_spacing and kept.as_dict() is None
+    spleen = published_fingerprint(TASKS["Task09_Spleen"])
+    gpu = plan_resolution(spleen.target_spacing, spleen.median_shape, 1, "cuda", 8, 15)
+    assert gpu.spacing == spleen.target_spacing and gpu.as_dict() is None
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_longer_budget_never_plans_coarser_and_coarsening_is_bounded(task: str) -> None:
+    fingerprint = published_fingerprint(TASKS[task])
+    factors = [plan_resolution(fingerprint.target_spacing, fingerprint.median_shape, fingerprint.n_channels,
+                               "cpu", 2, minutes).factor for minutes in (3, 15, 60, 240, 100_000)]
+    assert factors == sorted(factors, reverse=True)
+    assert factors[-1] == 1.0 and factors[0] <= MAX_COARSENING + 1e-9
+
+
+def test_anisotropic_spacing_coarsens_the_fine_axes_first() -> None:
+    prostate = published_fingerprint(TASKS["Task05_Prostate"])  # 0.62 x 0.62 x 3.6 mm
+    resolution = plan_resolution(prostate.target_spacing, prostate.median_shape, 2, "cpu", 2, 15)
+    assert resolution.spacing[2] == pytest.approx(3.6) and resolution.spacing[0] > 0.62
+
+
+def test_the_plan_rules_decision_names_no_budget_and_keeps_a_users_spacing() -> None:
+    """A param of rule plan: a budget change that keeps the spacing must not rerun the resampling."""
+    spacings, shapes = [(0.8, 0.8, 5.0)] * 4, [(512, 512, 90)] * 4
+    fifteen = resolution_for_cohort(spacings, shapes, 1, "median", None, "cpu", 2, 15)
+    sixteen = resolution_for_cohort(spacings, shapes, 1, "median", None, "cpu", 2, 16)
+    assert fifteen is not None and fifteen == sixteen
+    assert "minute" not in fifteen["reason"] and "thread" not in fifteen["reason"]
+    assert resolution_for_cohort(spacings, shapes, 1, [1.0, 1.0, 2.0], None, "cpu", 2, 15) is None
+    assert resolution_for_cohort(spacings, shapes, 1, "median", [256, 256], "cpu", 2, 15) is None
+    assert resolution_for_cohort(spacings, shapes, 1, "median", None, "cpu", 2, 100_000) is None

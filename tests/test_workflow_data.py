@@ -7,12 +7,15 @@ path runs; faults are real files and a real server that misbehaves.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from helpers import write_task_folder
+from msdseg.plan.resolution import resolution_for_cohort
 from workflow_runner import output_of, snakemake
 
 pytestmark = pytest.mark.slow
@@ -128,3 +131,31 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, override, key)
     assert run.returncode != 0
     assert key in output_of(run)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_cpu_budget_too_short_for_large_images_plans_a_coarser_spacing(tmp_path):
+    """Rule plan's low-resolution decision (msdseg.plan.resolution), through Snakemake: a Spleen-like
+    cohort on a CPU with 15 minutes gets a coarser spacing in plan.json with its reason; 16 minutes
+    decide the same and rerun nothing; a budget that affords full resolution replans at it."""
+    task = write_task_folder(tmp_path / "data", "Task87_LargeCT", labels=("background", "organ"), modality="CT",
+                             shape=(320, 320, 60), spacing=(0.8, 0.8, 2.5), n_train=3, n_test=0)
+    config = {"task": task.name, "source": {"folder": str(task)}, "plan": {"device": "cpu"},
+              "train": {"max_minutes": 15}}
+    target = f"results/{task.name}/plan.json"
+    run = snakemake(tmp_path / "run", target, config=config)
+    assert run.returncode == 0, output_of(run)
+    plan_json = tmp_path / "run" / target
+    plan = json.loads(plan_json.read_text())
+    expected = resolution_for_cohort([(0.8, 0.8, 2.5)] * 3, [(320, 320, 60)] * 3, 1, "median", None, "cpu", 2, 15)
+    assert expected is not None and plan["resolution"]["full_spacing"] == expected["full_spacing"]
+    assert plan["target_spacing"] == plan["resolution"]["spacing"] == pytest.approx(expected["spacing"], abs=1e-3)
+    assert plan["target_spacing"][0] > 1.2 and "low resolution" in plan["resolution"]["reason"]
+    assert "low resolution" in (tmp_path / "run" / "results" / task.name / "logs" / "plan.log").read_text()
+
+    same = snakemake(tmp_path / "run", target, "-n", config={**config, "train": {"max_minutes": 16}})
+    assert same.returncode == 0 and "Nothing to be done" in output_of(same), output_of(same)
+
+    roomy = snakemake(tmp_path / "run", target, config={**config, "train": {"max_minutes": 100_000}})
+    assert roomy.returncode == 0, output_of(roomy)
+    full = json.loads(plan_json.read_text())
+    assert full["resolution"] is None and full["target_spacing"] == pytest.approx([0.8, 0.8, 2.5])

@@ -27,12 +27,14 @@ BUDGET_MINUTES = 15
 
 
 def test_spleen_sized_ct_plans_trains_within_budget_and_scores(tmp_path: Path) -> None:
-    """1 channel, 512 x 512 x 90 at 0.8 x 0.8 x 5 mm (Spleen's size): refused before patch validation."""
+    """1 channel, 512 x 512 x 90 at 0.8 x 0.8 x 5 mm (Spleen's size): refused before patch validation;
+    planned at low resolution since (3.2 x 3.2 x 6.3 mm), scored in the original geometry."""
     task = write_task_folder(tmp_path / "data", "Task87_SpleenLike", labels=("background", "spleen"),
                              shape=(512, 512, 90), spacing=(0.8, 0.8, 5.0), n_train=8, n_test=0, modality="CT")
     plan, training, summary_csv = _run(tmp_path, task, minutes=BUDGET_MINUTES)
     results = summary_csv.parent
-    assert plan["normalization"] == "ct" and plan["target_spacing"] == pytest.approx([0.8, 0.8, 5.0])
+    assert plan["normalization"] == "ct" and plan["resolution"]["full_spacing"] == pytest.approx([0.8, 0.8, 5.0])
+    assert plan["target_spacing"] == pytest.approx([3.2, 3.2, 6.3], abs=0.01)  # low resolution: 15 CPU minutes
     settings = training["settings"]
     assert settings["train.validation_patches"]["value"] >= 1 and "pseudo-Dice" in settings[
         "train.validation_patches"]["reason"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +32,13 @@ class Fingerprint:
     @property
     def dataset_voxels(self) -> float:
         return self.n_training * (self.median_voxels or float(np.prod(self.median_shape)))
+
+    def at_spacing(self, spacing: tuple[float, float, float]) -> Fingerprint:
+        """The same images on another grid (a low-resolution plan's)."""
+        scale = [old / new for old, new in zip(self.target_spacing, spacing)]
+        return replace(self, median_shape=tuple(s * k for s, k in zip(self.median_shape, scale)),  # type: ignore[arg-type]
+                       target_spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+                       median_voxels=self.median_voxels * float(np.prod(scale)))
 
     @classmethod
     def from_manifest(cls, manifest: pd.DataFrame, plan: Mapping[str, Any]) -> Fingerprint:

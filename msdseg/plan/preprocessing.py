@@ -44,6 +44,7 @@ PLAN_KEYS = (
     "ct_window",
     "ct_mean",
     "ct_std",
+    "resolution",
 )
 
 
@@ -86,10 +87,13 @@ def auto_normalization(modality: str, training: pd.DataFrame) -> str:
     return "zscore"
 
 
-def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[str, Any], task: str) -> dict[str, Any]:
+def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[str, Any], task: str,
+              resolution: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """plan.json from the training subjects of the manifest and the ``preprocess`` config section.
 
     ``preprocess`` may be partial (library use): missing keys get the schema defaults.
+    ``resolution`` (:func:`msdseg.plan.resolution.resolution_for_cohort`): the spacing a CPU budget
+    affords, where it is coarser than the median one; None keeps the spacing ``preprocess`` gives.
     """
     settings = load_config({"preprocess": dict(preprocess)})["preprocess"]
     training = manifest[manifest["role"] == "train"]
@@ -102,12 +106,15 @@ def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[
     if normalization == "ct":
         ct_window, ct_mean, ct_std = _ct_statistics(training, dataset, settings["ct_window"])
     inplane = settings["inplane_size"]
+    target_spacing = _target_spacing(training, settings["spacing"])
+    if resolution is not None and target_spacing is not None and inplane is None:
+        target_spacing = [float(v) for v in resolution["spacing"]]
     return {
         "task": str(task),
         "labels": label_json(dataset.labels),
         "modality": label_json(dataset.modality),
         "n_channels": _channels(manifest),
-        "target_spacing": _target_spacing(training, settings["spacing"]),
+        "target_spacing": target_spacing,
         "inplane_size": [int(v) for v in inplane] if inplane is not None else None,
         "image_interpolation": settings["image_interpolation"],
         "clip": [float(v) for v in settings["clip"]] if settings["clip"] is not None else None,
@@ -115,6 +122,7 @@ def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[
         "ct_window": ct_window,
         "ct_mean": ct_mean,
         "ct_std": ct_std,
+        "resolution": dict(resolution) if resolution is not None and inplane is None else None,
     }
 
 

@@ -17,6 +17,7 @@ from msdseg.jobs import chunking, costs
 from msdseg.jobs.cohort import cached_cohort
 from msdseg.jobs.cohort import resampled_image as cohort_resampled_image
 from msdseg.jobs.gpu_slots import local_gpu_count
+from msdseg.plan.resolution import resolution_for_cohort
 
 TASK = config["task"]
 RESULTS = Path(config["results"]) / TASK
@@ -112,6 +113,28 @@ def cohort():
     input functions run once per job, and parsing the table in each made the DAG quadratic.
     """
     return cached_cohort(manifest_csv())
+
+
+def training_device_type():
+    """cpu or cuda: the device the train jobs get (plan.device, else a GPU where they ask for one)."""
+    requested = config["plan"]["device"]
+    return requested if requested != "auto" else ("cuda" if train_gpus() else "cpu")
+
+
+def training_resolution():
+    """plan.json's spacing decision (msdseg.plan.resolution): a param of rule plan, so that a budget
+    change reruns the resampling only where it changes the spacing."""
+    training = cohort().role("train")
+    return resolution_for_cohort(
+        [s.spacing for s in training],
+        [s.shape for s in training],
+        training[0].n_channels if training else 1,
+        config["preprocess"]["spacing"],
+        config["preprocess"]["inplane_size"],
+        training_device_type(),
+        config["train"]["threads"],
+        config["train"]["max_minutes"],
+    )
 
 
 def subjects(role):

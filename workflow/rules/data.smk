@@ -93,7 +93,8 @@ checkpoint manifest:
 
 
 rule plan:
-    """Target spacing and intensity normalisation derived from the training set (nnU-Net style)."""
+    """Target spacing and intensity normalisation derived from the training set (nnU-Net style); on a CPU
+    whose budget cannot afford the full-resolution context, a coarser spacing (msdseg.plan.resolution)."""
     input:
         manifest=result("manifest.csv"),
         folder=raw_folder(),
@@ -109,6 +110,7 @@ rule plan:
     params:
         preprocess=config["preprocess"],
         task=TASK,
+        resolution=lambda wildcards: training_resolution(),
     script:
         "../scripts/plan.py"
 

@@ -2,6 +2,7 @@
 
 import _bootstrap  # noqa: F401
 
+import logging
 from pathlib import Path
 
 from msdseg.data.manifest import read_manifest
@@ -15,5 +16,9 @@ with job_log(snakemake.log[0]):
         read_dataset_json(Path(snakemake.input.folder)),
         snakemake.params.preprocess,
         snakemake.params.task,
+        snakemake.params.resolution,
     )
+    if plan["resolution"]:
+        logging.getLogger("msdseg.plan.preprocessing").info("target spacing %s: %s", plan["target_spacing"],
+                                                           plan["resolution"]["reason"])
     write_plan(plan, snakemake.output.plan)

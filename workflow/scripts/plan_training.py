@@ -48,6 +48,8 @@ with job_log(snakemake.log[0]), gpu_slot(int(snakemake.params.devices)):
         planned = settle_iterations(planned, rows, plan, declared, snakemake.threads, snakemake.params.n_folds,
                                     device.type)
     settled = TrainingPlan.from_dict(planned)
-    logging.getLogger("msdseg.plan.preprocessing").info("training plan for %s:\n%s", device.describe(), settled.table())
+    spacing = plan["resolution"]["reason"] if plan["resolution"] else "full resolution"
+    logging.getLogger("msdseg.plan.preprocessing").info("training plan for %s at %s mm (%s):\n%s", device.describe(),
+                                                       plan["target_spacing"], spacing, settled.table())
     write_text(json.dumps(planned, indent=2, sort_keys=True) + "\n", snakemake.output.plan)
     write_text(settled.csv(), snakemake.output.table)
