@@ -147,17 +147,30 @@ def coerce_strings(config: dict[str, Any], schema: Mapping[str, Any] | None = No
     schema = load_schema() if schema is None else schema
     properties = schema.get("properties", {})
     for key, value in list(config.items()):
-        sub = properties.get(key)
-        if sub is None:
-            continue
-        if isinstance(value, dict) and "properties" in sub:
-            coerce_strings(value, sub)
-        elif isinstance(value, str) and not _accepts_string(sub):
-            try:
-                config[key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass  # leave it: the schema names the key and the type it wants
+        if key in properties:
+            config[key] = _coerced(value, properties[key])
     return config
+
+
+def _coerced(value: Any, schema: Mapping[str, Any]) -> Any:
+    """``value`` with its strings read as YAML where ``schema`` wants no string, inside lists and
+    mappings too (``--config 'train={folds: [0, 1]}'`` hands over ``['0', '1']``)."""
+    options = [schema, *schema.get("oneOf", [])]
+    if isinstance(value, dict):
+        if "properties" in schema:
+            return coerce_strings(value, schema)
+        values = next((o["additionalProperties"] for o in options if isinstance(o.get("additionalProperties"), dict)),
+                      None)
+        return value if values is None else {k: _coerced(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        items = next((o["items"] for o in options if isinstance(o.get("items"), dict)), None)
+        return value if items is None else [_coerced(v, items) for v in value]
+    if isinstance(value, str) and not _accepts_string(schema):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value  # leave it: the schema names the key and the type it wants
+    return value
 
 
 def _accepts_string(schema: Mapping[str, Any]) -> bool:

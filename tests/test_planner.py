@@ -224,6 +224,12 @@ def test_command_line_strings_become_numbers() -> None:
                                                                            "max_minutes": "2.5"}})
     assert config["train"]["iterations"] == 301 and config["train"]["folds"] == [0, 1]
     assert config["train"]["max_minutes"] == 2.5 and chosen["train.iterations"] == 301
+    # what snakemake --config 'train={folds: [0], label_probabilities: {0: 0.5, 1: 0.5}}' hands over
+    config, _ = layered_config({"task": "Task04_Hippocampus", "train": {
+        "folds": ["0", "2"], "patch_size": ["32", "48", "32"],
+        "label_probabilities": {"0": "0.5", "1": "0.25", "2": "0.25"}}})
+    assert config["train"]["folds"] == [0, 2] and config["train"]["patch_size"] == [32, 48, 32]
+    assert {int(k): v for k, v in config["train"]["label_probabilities"].items()} == {0: 0.5, 1: 0.25, 2: 0.25}
 
 
 def test_a_preset_reaches_its_own_task_only() -> None:

@@ -112,9 +112,9 @@ def plan_resolution(full_spacing: Sequence[float], full_median_shape: Sequence[f
     if coarse == tuple(round(v, 4) for v in full_tuple):
         return Resolution(full_tuple, full_tuple, "full resolution", steps, full_steps)  # type: ignore[arg-type]
     reason = (f"low resolution (nnU-Net's 3d_lowres idea): on the CPU the budget buys under {TARGET_ITERATIONS} "
-              f"steps of a patch of half the median image at {[round(v, 4) for v in full_tuple]} mm; coarser (the finer axes first, "
-              f"<= {MAX_COARSENING:g}x) until it does or the image is <= {2 * CONTEXT_CAP} voxels per axis. "
-              "Predictions are resampled back to each subject's geometry")
+              f"steps of a patch of half the median image at {[round(v, 4) for v in full_tuple]} mm; coarser "
+              f"(the finer axes first, <= {MAX_COARSENING:g}x) until it does or the image is <= {2 * CONTEXT_CAP} "
+              "voxels per axis. Predictions are resampled back to each subject's geometry")
     return Resolution(coarse, full_tuple, reason, steps, full_steps)  # type: ignore[arg-type]
 
 
