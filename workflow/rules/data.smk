@@ -96,7 +96,9 @@ rule plan:
     """Target spacing and intensity normalisation derived from the training set (nnU-Net style); on a CPU
     whose budget cannot afford the full-resolution context, a coarser spacing (msdseg.plan.resolution)."""
     input:
-        manifest=result("manifest.csv"),
+        # through the checkpoint (not the path): the resolution param reads the manifest, and a job
+        # whose params do is rebuilt once the checkpoint is known only if an input depends on it
+        manifest=lambda wildcards: manifest_csv(),
         folder=raw_folder(),
     output:
         plan=result("plan.json"),
