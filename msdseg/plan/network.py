@@ -154,6 +154,11 @@ def batch_cap(fingerprint: Fingerprint, network: Network) -> int:
     return max(2, int(0.05 * fingerprint.dataset_voxels / float(np.prod(network.patch))))
 
 
+def planned_dims(median_shape: Sequence[float]) -> int:
+    """3D unless the median image is thinner than two pooling steps' worth of slices (then 2D slices)."""
+    return 2 if median_shape[2] < 2 * MIN_FEATURE_SIZE else 3
+
+
 def context_floor(fingerprint: Fingerprint, dims: int) -> tuple[float, float, float]:
     """The least patch per axis a budget may shrink to (2D: one slice deep)."""
     floor = [min(CONTEXT_SHARE * size, CONTEXT_CAP) for size in fingerprint.median_shape]

@@ -107,7 +107,7 @@ def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[
         ct_window, ct_mean, ct_std = _ct_statistics(training, dataset, settings["ct_window"])
     inplane = settings["inplane_size"]
     target_spacing = _target_spacing(training, settings["spacing"])
-    if resolution is not None and target_spacing is not None and inplane is None:
+    if resolution is not None:
         target_spacing = [float(v) for v in resolution["spacing"]]
     return {
         "task": str(task),
@@ -122,7 +122,7 @@ def make_plan(manifest: pd.DataFrame, dataset: DatasetInfo, preprocess: Mapping[
         "ct_window": ct_window,
         "ct_mean": ct_mean,
         "ct_std": ct_std,
-        "resolution": dict(resolution) if resolution is not None and inplane is None else None,
+        "resolution": dict(resolution) if resolution is not None else None,
     }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from msdseg.plan.budget import PIPELINE_OVERHEAD, TARGET_ITERATIONS, USABLE_SHARE
-from msdseg.plan.network import CONTEXT_CAP, CONTEXT_SHARE, MIN_FEATURE_SIZE, network_for
+from msdseg.plan.network import CONTEXT_CAP, CONTEXT_SHARE, MIN_FEATURE_SIZE, network_for, planned_dims
 from msdseg.plan.preprocessing import median_target_spacing
 
 # multiply-adds per second and CPU thread of a U-Net training step (fp32, 16 channels): measured
@@ -41,14 +41,11 @@ MAX_COARSENING = 4.0  # of any axis's full-resolution spacing: beyond it small s
 
 @dataclass(frozen=True)
 class Resolution:
-    """The plan's target spacing, the full-resolution one it came from, why, and the context steps
-    the budget buys at each (estimates, kept out of :meth:`as_dict`: see the module docstring)."""
+    """The plan's target spacing, the full-resolution one it came from, and why."""
 
     spacing: tuple[float, float, float]
     full_spacing: tuple[float, float, float]
     reason: str
-    steps: float = 0.0
-    full_steps: float = 0.0
 
     @property
     def factor(self) -> float:
@@ -67,7 +64,7 @@ class Resolution:
 def context_steps(median_shape: Sequence[float], spacing: Sequence[float], n_channels: int, threads: int,
                   budget_minutes: float) -> float:
     """Training steps the budget buys of the smallest network on a patch of half the median image per axis."""
-    dims = 2 if median_shape[2] < 2 * MIN_FEATURE_SIZE else 3
+    dims = planned_dims(median_shape)
     patch = [max(2 * MIN_FEATURE_SIZE, int(round(CONTEXT_SHARE * s))) for s in median_shape]
     if dims == 2:
         patch[2] = 1
@@ -99,8 +96,7 @@ def plan_resolution(full_spacing: Sequence[float], full_median_shape: Sequence[f
     full = np.array(full_spacing, dtype=np.float64)
     shape = np.array(full_median_shape, dtype=np.float64)
     full_tuple = tuple(float(v) for v in full)
-    steps = full_steps = (context_steps(shape, full, n_channels, threads, budget_minutes)
-                          if device_type == "cpu" else float("inf"))
+    steps = context_steps(shape, full, n_channels, threads, budget_minutes) if device_type == "cpu" else float("inf")
     spacing = full
     while _coarsen(shape * full / spacing, steps):
         step = coarser(spacing, full)
@@ -108,14 +104,13 @@ def plan_resolution(full_spacing: Sequence[float], full_median_shape: Sequence[f
             break
         spacing = step
         steps = context_steps(shape * full / spacing, spacing, n_channels, threads, budget_minutes)
-    coarse = tuple(round(float(v), 4) for v in spacing)
-    if coarse == tuple(round(v, 4) for v in full_tuple):
-        return Resolution(full_tuple, full_tuple, "full resolution", steps, full_steps)  # type: ignore[arg-type]
+    if np.allclose(spacing, full):
+        return Resolution(full_tuple, full_tuple, "full resolution")  # type: ignore[arg-type]
     reason = (f"low resolution (nnU-Net's 3d_lowres idea): on the CPU the budget buys under {TARGET_ITERATIONS} "
               f"steps of a patch of half the median image at {[round(v, 4) for v in full_tuple]} mm; coarser "
               f"(the finer axes first, <= {MAX_COARSENING:g}x) until it does or the image is <= {2 * CONTEXT_CAP} "
               "voxels per axis. Predictions are resampled back to each subject's geometry")
-    return Resolution(coarse, full_tuple, reason, steps, full_steps)  # type: ignore[arg-type]
+    return Resolution(tuple(round(float(v), 4) for v in spacing), full_tuple, reason)  # type: ignore[arg-type]
 
 
 def resolution_for_cohort(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[float]], n_channels: int,

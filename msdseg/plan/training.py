@@ -32,7 +32,6 @@ from msdseg.plan.fingerprint import DeviceSpec, Fingerprint
 from msdseg.plan.network import (
     BASE_CHANNELS,
     MAX_CPU_BATCH,
-    MIN_FEATURE_SIZE,
     REFERENCE_MEMORY_GB,
     Network,
     batch_cap,
@@ -40,6 +39,7 @@ from msdseg.plan.network import (
     context_floor,
     memory_gb,
     network_for,
+    planned_dims,
 )
 from msdseg.plan.record import StepProbe, TrainingPlan
 
@@ -57,7 +57,7 @@ def plan_training(fingerprint: Fingerprint, device: DeviceSpec, budget_minutes: 
                                      "target_spacing": list(fingerprint.target_spacing),
                                      "n_channels": fingerprint.n_channels, "n_training": fingerprint.n_training,
                                      "labels": {str(k): v for k, v in fingerprint.labels.items()}})
-    dims = plan.put("model.spatial_dims", 2 if fingerprint.median_shape[2] < 2 * MIN_FEATURE_SIZE else 3,
+    dims = plan.put("model.spatial_dims", planned_dims(fingerprint.median_shape),
                     "3D unless thinner than 8 slices (Task04, 15 CPU min: 3D beat 2D by 0.02 Dice)", user)
     _plan_sampling(plan, fingerprint, user)
     network, batch, step_s = _plan_network(plan, fingerprint, device, user, int(dims), probe)
