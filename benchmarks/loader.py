@@ -149,8 +149,8 @@ def children_memory_mb() -> tuple[float, float, float]:
 def run_patch(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, Any], seconds: float,
               workers: int = 1) -> dict[str, Any]:
     stream = PatchStream([r["preprocessed"] for r in rows], plan_hash(plan), cfg, 3, seed=0)
-    loader = make_patch_loader(stream, cfg["batch_size"], 0, workers)
-    first, rate = measure(iter(loader), cfg["batch_size"], seconds)
+    batches = make_patch_loader(stream, cfg["batch_size"], 0, workers)
+    first, rate = measure(batches, cfg["batch_size"], seconds)
     rss, pss, anonymous = children_memory_mb()
     return {"first_batch_s": first, "patches_per_s": rate, "workers_rss_mb": rss, "workers_pss_mb": pss,
             "workers_anon_mb": anonymous}
@@ -166,13 +166,15 @@ def workers_memory(data: Path, workers: int, seconds: float) -> dict[str, Any]:
     rows = preprocess_subjects(rows, plan, data / "brats-preprocessed")
     cfg = train_settings([128, 128, 128], 2)
     stream = PatchStream([r["preprocessed"] for r in rows], plan_hash(plan), cfg, 3, seed=0)
-    first, rate = measure(iter(make_patch_loader(stream, 2, 0, workers)), 2, seconds)
+    batches = make_patch_loader(stream, 2, 0, workers)  # kept: its workers live as long as it does
+    first, rate = measure(batches, 2, seconds)
     total: dict[str, float] = {}
     for child in psutil.Process().children(recursive=True):
         for line in Path(f"/proc/{child.pid}/smaps_rollup").read_text().splitlines():
             key = line.split(":")[0]
             if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
                 total[key] = total.get(key, 0.0) + int(line.split()[1]) / 1024
+    batches.close()
     return {"first_batch_s": first, "patches_per_s": rate, "workers_pss_mb": total.get("Pss", 0.0),
             "workers_anon_mb": total.get("Pss_Anon", 0.0), "workers_file_mb": total.get("Pss_File", 0.0)}
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from msdseg.data.preprocessed import WEIGHTED, Preprocessed, open_subject
 from msdseg.decathlon import int_keys
@@ -171,9 +171,53 @@ class CountFrom(Sampler[int]):
 
 
 def make_patch_loader(stream: PatchStream, batch_size: int, start_batch: int, num_workers: int,
-                      pin_memory: bool = False) -> DataLoader:
-    """Batches ``start_batch, start_batch + 1, ...`` of the stream; workers keep it ahead of the step."""
-    workers = int(num_workers)
-    return DataLoader(stream, batch_size=int(batch_size), sampler=CountFrom(int(start_batch) * int(batch_size)),
-                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=2 if workers > 0 else None)
+                      pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``start_batch, start_batch + 1, ...`` of the stream; workers keep it ahead of the step.
+
+    Workers stack their batches into shared buffers they reuse (:class:`SharedBatches`); each
+    batch is copied out as it arrives (into pinned memory with ``pin_memory``, else here), so the
+    batches this yields are the caller's to keep.
+    """
+    workers, prefetch = int(num_workers), 2
+    loader = DataLoader(stream, batch_size=int(batch_size), sampler=CountFrom(int(start_batch) * int(batch_size)),
+                        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=prefetch if workers > 0 else None,
+                        collate_fn=SharedBatches(slots=prefetch + 1))
+    pinned = pin_memory and torch.cuda.is_available()  # the loader pins only where there is a GPU
+    for image, label in loader:
+        yield (image, label) if pinned or workers == 0 else (image.clone(), label.clone())
+
+
+class SharedBatches:
+    """collate_fn: a worker stacks its batches into a ring of shared-memory buffers it reuses.
+
+    torch's default collate puts every batch into a fresh shared-memory segment, whose pages
+    fault in as the batch is written: 50 ms of a worker's time per 2 x 4 x 128^3 batch, a quarter
+    of the time it takes to make the two patches. ``prefetch_factor + 1`` slots per worker are
+    enough: the loader gives a worker the task for its batch ``j + prefetch_factor + 1`` (which
+    reuses batch ``j``'s slot) only when it hands out that worker's batch ``j + 1``, and
+    :func:`make_patch_loader` has copied batch ``j`` before it asks for the next one (with
+    ``pin_memory``, the pinning thread copied it even earlier: the copy a GPU run makes anyway).
+    Outside a worker: torch's default collate.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = int(slots)
+        self._ring: dict[tuple[int, int], torch.Tensor] = {}
+        self._made = 0
+
+    def __call__(self, samples: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if get_worker_info() is None:
+            return default_collate(samples)
+        slot = self._made % self.slots
+        self._made += 1
+        images, labels = zip(*samples)
+        return self._stack(images, (slot, 0)), self._stack(labels, (slot, 1))
+
+    def _stack(self, tensors: Sequence[torch.Tensor], key: tuple[int, int]) -> torch.Tensor:
+        shape = (len(tensors), *tensors[0].shape)
+        buffer = self._ring.get(key)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != tensors[0].dtype:
+            buffer = self._ring[key] = torch.empty(shape, dtype=tensors[0].dtype).share_memory_()
+        return torch.stack(list(tensors), out=buffer)
+
