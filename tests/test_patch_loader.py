@@ -16,7 +16,14 @@ from msdseg.data import preprocessed as store
 from msdseg.data.normalize import preprocessing
 from msdseg.data.subjects import IMAGE, subjects_from_paths
 from msdseg.errors import SubjectError
-from msdseg.train.patch_augmentation import PatchAugmentation, rotation, sample_patch
+from msdseg.train.patch_augmentation import (
+    GAMMA_P,
+    LOG_GAMMA,
+    PatchAugmentation,
+    affine_grid,
+    rotation,
+    sample_patch,
+)
 from msdseg.train.patches import PatchStream, make_patch_loader
 
 PLAN = {"normalization": "zscore", "labels": {"0": "background", "1": "a", "2": "b"}, "n_channels": 1}
@@ -138,6 +145,31 @@ def test_affine_sampling_with_identity_is_the_crop_and_a_quarter_turn_rotates_it
     crop = region[:, 2:7, 2:7, 2:7]
     expected = torch.stack([torch.rot90(c, k=1, dims=(1, 0)) for c in crop])  # out(x, y) reads in(-y, x)
     torch.testing.assert_close(turned, expected, atol=1e-4, rtol=0)
+
+
+def test_the_broadcast_grid_is_torchs_affine_grid() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for size in [(7, 5, 9), (16, 16, 1), (1, 3, 4)]:  # a unit axis sits at 0, as in torch
+        theta = torch.randn(3, 4, generator=generator)
+        expected = torch.nn.functional.affine_grid(theta[None], [1, 1, *size], align_corners=True)
+        torch.testing.assert_close(affine_grid(theta, size), expected, atol=1e-6, rtol=0)
+
+
+def test_gamma_is_torchios_sign_x_abs_x_to_the_gamma_and_keeps_zeros() -> None:
+    augmentation = PatchAugmentation({**NO_AUGMENTATION, "gamma": True}, 3)
+    image = np.linspace(-3, 3, 2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
+    image[0, 0, 0, 0] = 0.0
+    applied = 0
+    for seed in range(20):
+        replay = np.random.default_rng(seed)  # apply's draws: whether, then log gamma
+        if replay.random() >= GAMMA_P:
+            continue
+        gamma = float(np.exp(replay.uniform(-LOG_GAMMA, LOG_GAMMA)))
+        out, _ = augmentation.apply(image.copy(), np.zeros((4, 4, 4), np.uint8), np.zeros(3), (4, 4, 4), None,
+                                    np.random.default_rng(seed))
+        np.testing.assert_allclose(out.numpy(), np.sign(image) * np.abs(image) ** gamma, rtol=1e-5, atol=1e-6)
+        applied += 1
+    assert applied >= 3
 
 
 def test_planar_patches_rotate_in_plane_only(prepared: list[dict[str, Any]]) -> None:
