@@ -10,9 +10,9 @@ where the loader allows it:
   queue   torchio's Queue as msdseg had it (train.loader: queue), at the plan's samples_per_volume
   patch   msdseg's patch loader (train.loader: patch) on the preprocessed arrays
   monai   MONAI: cached normalised arrays, FgBgToIndicesd, RandCropByPosNegLabeld + RandAffined + flips,
-          gamma, noise (needs `pip install monai`)
+          gamma, noise (the `bench` extra: pip install -e ".[bench]")
   nnunet  nnU-Net v2's nnUNetDataLoader + its default training transforms on its blosc2 files
-          (needs `pip install nnunetv2`; an optional benchmark tool, not a dependency)
+          (the `bench` extra; a benchmark tool, not a dependency)
 Then the nnU-Net-style pair on the CPU: training pace (s/step) with the patch loader vs with
 dummy batches (no data loading at all), for task04 and brats at their CPU plans.
 

@@ -8,6 +8,10 @@ with its ``evaluate_subject`` against the original labels. Prints the held-out m
 class, iterations, training wall time, the patch rate the loader delivers on its own vs the rate
 the model consumes in training, and the data-wait share.
 
+The held-out cases are scored twice from the same weights, without and with mirroring test-time
+augmentation (the axes the training flipped), and the paired difference is printed with its
+bootstrap interval: a pair on the same model and cases, not two runs.
+
 ``--models N`` splits the training budget into N models (seeds seed..seed+N-1, each
 ``max_minutes / N``) whose probabilities are averaged, as the workflow's fold ensemble does.
 
@@ -139,6 +143,21 @@ def mean_interval(values: np.ndarray) -> list[float]:
     return [round(low, 4), round(high, 4)]
 
 
+def tta_pair(scores: pd.DataFrame, other: pd.DataFrame, tta: bool, labels: dict[int, str],
+             seconds: float, other_seconds: float) -> dict:
+    """Held-out Dice without and with mirroring TTA from the same weights, and the paired gain's interval."""
+    without, with_tta = (other, scores) if tta else (scores, other)
+    gain = {name: (with_tta[name] - without[name]).to_numpy() for name in labels.values()}
+    return {
+        "without": {name: round(float(without[name].mean()), 4) for name in labels.values()},
+        "with": {name: round(float(with_tta[name].mean()), 4) for name in labels.values()},
+        "gain": {name: round(float(values.mean()), 4) for name, values in gain.items()},
+        "gain_95ci": {name: mean_interval(values) for name, values in gain.items()},
+        "seconds_without": round(other_seconds if tta else seconds, 1),
+        "seconds_with": round(seconds if tta else other_seconds, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "hippocampus.yaml")
@@ -197,6 +216,10 @@ def main() -> None:
         t0 = time.perf_counter()
         scores = evaluate(model_paths, held_out, labels, config, work / "predictions", args.threads)
         eval_s = time.perf_counter() - t0
+        other = {**config, "infer": {**config["infer"], "tta": not config["infer"]["tta"]}}
+        t0 = time.perf_counter()
+        other_scores = evaluate(model_paths, held_out, labels, other, work / "predictions-other", args.threads)
+        other_eval_s = time.perf_counter() - t0
         delivered = loader_rate(training, plan, config, args.queue_seconds)
 
     batch = config["train"]["batch_size"]
@@ -219,6 +242,7 @@ def main() -> None:
         "data_wait_share": round(float(log["data_wait_s"].sum() / log["seconds_per_step"].sum()), 4),
         "data_wait_share_steady": round(float(steady["data_wait_s"].sum() / steady["seconds_per_step"].sum()), 4),
         "validation_s": round(train_s - float(log["seconds_per_step"].sum()), 1),
+        "tta_pair": tta_pair(scores, other_scores, bool(config["infer"]["tta"]), labels, eval_s, other_eval_s),
         "mirror_axes": list(mirror_axes(config["train"]["augmentation"], config["model"]["spatial_dims"])),
         "tta": bool(config["infer"]["tta"]),
         "threads": args.threads, "torch": torch.__version__,
@@ -233,6 +257,12 @@ def main() -> None:
     for name, value in summary["mean_dice"].items():
         low, high = summary["mean_dice_95ci"][name]
         print(f"held-out mean Dice {name}: {value:.4f} (95% bootstrap interval {low:.4f}-{high:.4f})")
+    pair = summary["tta_pair"]
+    for name in labels.values():
+        low, high = pair["gain_95ci"][name]
+        print(f"mirroring TTA, same weights: {name} {pair['without'][name]:.4f} -> {pair['with'][name]:.4f} "
+              f"(paired gain {pair['gain'][name]:+.4f}, 95% {low:+.4f} to {high:+.4f}; "
+              f"inference {pair['seconds_without']:.0f} s -> {pair['seconds_with']:.0f} s)")
     print(json.dumps(summary, indent=2))
 
 

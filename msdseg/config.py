@@ -38,8 +38,9 @@ SCHEDULING_KEYS = frozenset({"folds", "threads", "mem_mb", "gpus"})
 CADENCE_KEYS = frozenset({"iterations", "max_minutes", "validate_every", "validation_cases", "validation_patches",
                           "checkpoint_every", "settle_at"})
 """The budget and its cadence: a step's pace does not depend on them, so a change keeps the measured plan."""
-RESUMABLE_KEYS = SCHEDULING_KEYS | {"max_minutes", "checkpoint_every", "validate_every", "num_workers", "devices"}
-"""Keys a checkpoint survives a change of: they do not change what the next step learns."""
+RESUMABLE_KEYS = SCHEDULING_KEYS | {"max_minutes", "checkpoint_every", "validate_every", "num_workers"}
+"""Keys a checkpoint survives a change of: they do not change what the next step learns. Not
+``devices``: each of the DDP processes takes its own batch, so the step's batch is batch_size x devices."""
 
 
 def train_job_settings(train: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,10 @@ class PlanError(ConfigError):
     """The plan cannot fit the device or the budget; the message names the numbers and the key."""
 
 
+class DiskFullError(MsdsegError, OSError):
+    """The disk filled while writing an output; nothing half-written was left (an OSError with ENOSPC too)."""
+
+
 class DownloadError(MsdsegError):
     """The archive could not be fetched (network, HTTP status, truncated transfer)."""
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from msdseg.errors import DiskFullError
+
 if TYPE_CHECKING:  # for annotations only: reading and resampling images does not need pandas
     import pandas as pd
 
@@ -32,15 +34,10 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, final)
     except BaseException as error:
-        disk_full = _nearly_full(final.parent)
+        disk_full = _disk_full(error, final.parent)
         tmp.unlink(missing_ok=True)
-        if disk_full and not isinstance(error, KeyboardInterrupt):
-            # writers report a full disk in their own words (torch: "iostream error"); say it plainly
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while writing {final}: free space on {final.parent} and "
-                "run again (the previous version of the file, if any, is intact)",
-            ) from error
+        if disk_full:
+            raise _disk_full_error(final, "file") from error
         raise
 
 
@@ -54,6 +51,11 @@ def atomic_folder(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield staging
         replace_folder(staging, final)
+    except BaseException as error:
+        if _disk_full(error, final.parent):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _disk_full_error(final, "folder") from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -75,6 +77,22 @@ def replace_folder(source: str | os.PathLike[str], destination: str | os.PathLik
     finally:
         shutil.rmtree(old, ignore_errors=True)
     return True
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error`` came from a full disk: ENOSPC, or a writer's own words (torch: "iostream
+    error") while ``folder``'s disk has (almost) no space left."""
+    if isinstance(error, KeyboardInterrupt):
+        return False
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or _nearly_full(folder)
+
+
+def _disk_full_error(final: Path, what: str) -> DiskFullError:
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on device while writing {final}: free space on {final.parent} and run again "
+        f"(nothing half-written was left; the previous version of the {what}, if any, is intact)",
+    )
 
 
 def _nearly_full(folder: Path, margin_bytes: int = 1 << 20) -> bool:

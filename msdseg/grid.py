@@ -1,7 +1,8 @@
 """Sliding-window grid arithmetic, in pure Python (no torch): the one count of a volume's patches.
 
-Inference (torchio's GridSampler), the planner's validation cost and the jobs' cost model all
-count patches with :func:`grid_patch_count`, so that their estimates agree with what runs.
+The jobs' cost model (the runtime of an inference chunk) counts a volume's patches with
+:func:`grid_patch_count`, the same count as torchio's GridSampler makes at inference
+(``tests/test_inference_core.py`` compares them), so that its estimate agrees with what runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Lint and format: ruff (pyproject.toml [tool.ruff]) on the Python code, snakefmt on the workflow.
+"""Lint and format: ruff (pyproject.toml [tool.ruff]) on the Python code; snakefmt and
+``snakemake --lint`` on the workflow.
 
 Both tools come with the ``test`` extra (``pip install -e '.[test]'``); without them the tests
 skip and say so. To fix: ``ruff check --fix <file>``; ``snakefmt Snakefile workflow/rules``.
@@ -42,3 +43,9 @@ def test_snakefmt_check() -> None:
     if result.returncode != 0:
         diff = _run(_tool("snakefmt"), "--diff", *files)
         pytest.fail(f"snakefmt would reformat (run: snakefmt {' '.join(files)}):\n{diff.stdout}{diff.stderr}")
+
+
+def test_snakemake_lint_is_clean() -> None:
+    """Snakemake's own best practice: every rule a log, a conda env, no unused params (``snakemake --lint``)."""
+    result = _run(_tool("snakemake"), "--lint")
+    assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr

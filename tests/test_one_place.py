@@ -130,6 +130,8 @@ def test_train_rules_params_and_checkpoint_identity_read_the_same_key_sets() -> 
         if key in RESUMABLE_KEYS:
             assert not in_identity, f"train.{key} only schedules or paces, yet blocks resuming"
         assert set(pace_settings(config["train"])) <= set(train_job_settings(config["train"]))
+    # more DDP processes, each with its own batch: a larger step's batch, so another run
+    assert identity({**config, "train": {**config["train"], "devices": 2}}) != base
 
 
 @pytest.mark.parametrize("text", ["a training subject needs a label", "needs a 'sampling_map' path per subject",

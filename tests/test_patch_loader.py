@@ -15,7 +15,7 @@ import torch
 from msdseg.data import preprocessed as store
 from msdseg.data.normalize import preprocessing
 from msdseg.data.subjects import IMAGE, subjects_from_paths
-from msdseg.errors import SubjectError
+from msdseg.errors import DiskFullError, SubjectError
 from msdseg.train.patch_augmentation import (
     GAMMA_P,
     LOG_GAMMA,
@@ -98,7 +98,7 @@ def test_a_failed_write_leaves_nothing_a_later_run_trusts(tmp_path: Path, monkey
         real_save(path, array)
 
     monkeypatch.setattr(np, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*pre/[^ ]+: free space"):
         store.preprocess_subject(row, PLAN, tmp_path / "pre")
     assert list((tmp_path / "pre").iterdir()) == []  # no subject folder, no staging folder
 

@@ -116,6 +116,23 @@ def download(
     return destination
 
 
+def download_task(source: dict[str, str | None], destination: Path, retries: int = 5,
+                  demo_files: list[str] | tuple[str, ...] = ()) -> Path:
+    """Rule download: the task's archive from ``source`` (url, md5, sha256), verified.
+
+    ``demo_files`` (the generated demo's ``.tar`` and its ``.md5``) replace the source by a
+    ``file://`` URL, so the demo goes through the same transfer and verification as a real task.
+    """
+    source = dict(source)
+    if demo_files:
+        archive = next(path for path in demo_files if path.endswith(".tar"))
+        md5_file = next(path for path in demo_files if path.endswith(".md5"))
+        source["url"] = Path(archive).resolve().as_uri()
+        source["md5"] = Path(md5_file).read_text().strip()
+    return download(str(source["url"]), Path(destination), md5=source.get("md5"), sha256=source.get("sha256"),
+                    retries=retries)
+
+
 def _verify(url: str, part: Path, expected: dict[str, str]) -> None:
     """Compare digests; a mismatch deletes the ``.part`` so no rerun ever trusts it."""
     actual = _digests(part, sorted({"sha256", *expected}))

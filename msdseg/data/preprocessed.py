@@ -176,6 +176,15 @@ def preprocess_subjects(rows: Sequence[Mapping[str, Any]], plan: Mapping[str, An
     return [{**row, "preprocessed": str(preprocess_subject(row, plan, folder, seed))} for row in rows]
 
 
+def preprocess_staged(staged: str | os.PathLike[str], plan: Mapping[str, Any], folder: str | os.PathLike[str],
+                      seed: int = 0) -> list[dict[str, Any]]:
+    """Rule preprocess_training: every subject of a resampled chunk's staging folder (imagesTr, labelsTr)."""
+    staged = Path(staged)
+    images = sorted(str(path) for path in (staged / "imagesTr").iterdir() if not path.name.startswith("."))
+    labels = [str(staged / "labelsTr" / Path(image).name) for image in images]
+    return preprocess_subjects(training_rows(images, labels), plan, folder, seed)
+
+
 def training_rows(images: Sequence[str], labels: Sequence[str],
                   preprocessed_folders: Sequence[str] = ()) -> list[dict[str, Any]]:
     """A train or plan_training job's rows from its inputs: subject, image, label and (patch loader) preprocessed."""

@@ -216,8 +216,9 @@ def chunk_runtime(plan_of):
 
 
 # the place_* rules' shell: hard-link a staged file ("$1") onto its output ("$2"), or copy it
-# across file systems; then touch it, so that it is newer than its chunk's folder
-PLACE = 'place() {{ ln -f "$1" "$2" 2>/dev/null || cp "$1" "$2"; touch "$2"; }}; '
+# across file systems; then touch it, so that it is newer than its chunk's folder. A failure's
+# message goes to the job's log (the rule's `log:`); a success leaves the log empty.
+PLACE = 'exec 2> {log:q}; place() {{ ln -f "$1" "$2" 2>/dev/null || cp "$1" "$2"; touch "$2"; }}; '
 # fixed, so that Snakemake need not evaluate the default resources' expressions for 10,000s of them;
 # and `threads: 0` in the rules: a hard link takes no core, so every ready place_* job is scheduled
 # in one round instead of --cores at a time (each round solves the scheduler's ILP again: 2,000

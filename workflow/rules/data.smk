@@ -174,7 +174,11 @@ rule place_resampled_training:
     output:
         image=result("resampled/imagesTr/{subject}.nii.gz"),
         label=result("resampled/labelsTr/{subject}.nii.gz"),
+    log:
+        log_path("place_resampled_training", "{subject}"),
     localrule: True
+    conda:
+        ENV
     threads: 0
     resources:
         **PLACE_RESOURCES,
@@ -189,7 +193,11 @@ rule place_resampled_test:
         chunk=lambda wildcards: resample_chunk_folder("test", wildcards.subject),
     output:
         image=result("resampled/imagesTs/{subject}.nii.gz"),
+    log:
+        log_path("place_resampled_test", "{subject}"),
     localrule: True
+    conda:
+        ENV
     threads: 0
     resources:
         **PLACE_RESOURCES,

@@ -11,6 +11,8 @@ rule evaluate_fold:
         metrics=result("fold{fold}/metrics.csv"),
     log:
         log_path("evaluate_fold", "fold{fold}"),
+    benchmark:
+        benchmark_path("evaluate_fold", "fold{fold}")
     conda:
         ENV
     resources:

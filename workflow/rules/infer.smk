@@ -73,7 +73,11 @@ rule place_fold_prediction:
         ),
     output:
         prediction=result("fold{fold}/predictions/{subject}.nii.gz"),
+    log:
+        log_path("place_fold_prediction", "fold{fold}/{subject}"),
     localrule: True
+    conda:
+        ENV
     threads: 0
     resources:
         **PLACE_RESOURCES,
@@ -87,7 +91,11 @@ rule place_test_prediction:
         chunk=lambda wildcards: test_prediction_chunk_folder(wildcards.subject),
     output:
         prediction=result("predictions/test/{subject}.nii.gz"),
+    log:
+        log_path("place_test_prediction", "{subject}"),
     localrule: True
+    conda:
+        ENV
     threads: 0
     resources:
         **PLACE_RESOURCES,
@@ -133,7 +141,11 @@ rule place_folder_prediction:
         chunk=lambda wildcards: os.path.join(FOLDER_OUT, ".msdseg", "chunks", folder_chunks().of[wildcards.case]),
     output:
         prediction=os.path.join(FOLDER_OUT, "{case}.nii.gz"),
+    log:
+        os.path.join(FOLDER_OUT, ".msdseg", "logs", "place", "{case}.log"),
     localrule: True
+    conda:
+        ENV
     threads: 0
     resources:
         **PLACE_RESOURCES,

@@ -14,6 +14,8 @@ rule plan_training:
         table=report(result("training_plan.csv"), caption="../report/training_plan.rst", category="Plan"),
     log:
         log_path("plan_training"),
+    benchmark:
+        benchmark_path("plan_training")
     conda:
         ENV
     threads: config["train"]["threads"]

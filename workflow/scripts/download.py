@@ -2,23 +2,13 @@
 
 import _bootstrap  # noqa: F401
 
-from pathlib import Path
-
-from msdseg.data.download import download
+from msdseg.data.download import download_task
 from msdseg.logs import job_log
 
 with job_log(snakemake.log[0]):
-    source = dict(snakemake.params.source)
-    demo = list(snakemake.input.demo)
-    if demo:  # the generated demo archive goes through the same path, as a file:// source
-        archive = next(path for path in demo if path.endswith(".tar"))
-        md5_file = next(path for path in demo if path.endswith(".md5"))
-        source["url"] = Path(archive).resolve().as_uri()
-        source["md5"] = Path(md5_file).read_text().strip()
-    download(
-        source["url"],
-        Path(snakemake.output.archive),
-        md5=source["md5"],
-        sha256=source["sha256"],
+    download_task(
+        dict(snakemake.params.source),
+        snakemake.output.archive,
         retries=snakemake.params.retries,
+        demo_files=list(snakemake.input.demo),
     )
