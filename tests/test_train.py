@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -231,8 +232,11 @@ def test_the_run_settles_its_iterations_once_and_a_repeat_reuses_the_record(rows
     record = json.loads((tmp_path / "a" / RECORD).read_text())
     _, meta = load_model(tmp_path / "a" / "model.pt")
     assert record["at"] == 20 and record["planned"] == 30 and record["iterations"] >= 20
-    assert meta["iterations_settled"] == record["iterations"] and meta["iterations_planned"] == 30
-    assert meta["iterations"] == record["iterations"] or meta["budget_exhausted"]
+    # settled again, once, at 60% of the first count, from the pace since the first
+    assert record["second_at"] == math.floor(0.6 * record["iterations"]) and record["second_iterations"] >= 20
+    final = record["second_iterations"]
+    assert meta["iterations_settled"] == final and meta["resettled"] and meta["iterations_planned"] == 30
+    assert meta["iterations"] == final or meta["budget_exhausted"]
     assert used <= 1.1, f"training took {used:.2f} of its budget"
 
     # the repeat: the record and a larger budget (max_minutes is not part of the run's identity)
@@ -240,7 +244,7 @@ def test_the_run_settles_its_iterations_once_and_a_repeat_reuses_the_record(rows
     shutil.copy(tmp_path / "a" / RECORD, tmp_path / "b" / RECORD)
     train(rows[:6], rows[6:], PLAN, {**config, "train": {**config["train"], "max_minutes": 10}}, tmp_path / "b",
           fold=0)
-    assert load_model(tmp_path / "b" / "model.pt")[1]["iterations"] == record["iterations"]
+    assert load_model(tmp_path / "b" / "model.pt")[1]["iterations"] == final
     log_a, log_b = (pd.read_csv(tmp_path / run / "training_log.csv")[["iteration", "loss", "lr"]] for run in "ab")
     pd.testing.assert_frame_equal(log_a, log_b.iloc[:len(log_a)])
 
@@ -262,13 +266,15 @@ def test_a_run_killed_after_settling_resumes_to_the_settled_count(rows: list[dic
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _kill_when(first, settled_and_saved, "settled checkpoint")
     record = json.loads((out / RECORD).read_text())
-    assert torch.load(out / CHECKPOINT, weights_only=True)["settled"] == record["iterations"]
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    assert saved["settled"] == (record["second_iterations"] if saved["resettled"] else record["iterations"])
     second = subprocess.run([sys.executable, str(script), json.dumps(settings)], env=env,
                             capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-2000:]
-    meta = load_model(out / "model.pt")[1]
-    assert meta["iterations_settled"] == record["iterations"]
-    assert meta["iterations"] == record["iterations"] or meta["budget_exhausted"]
+    meta, record = load_model(out / "model.pt")[1], json.loads((out / RECORD).read_text())
+    final = record["second_iterations"] if record.get("second_at") else record["iterations"]
+    assert meta["iterations_settled"] == final and meta["resettled"] == bool(record.get("second_at"))
+    assert meta["iterations"] == final or meta["budget_exhausted"]
 
 
 def test_preprocessing_ct_zscore_none() -> None:

@@ -73,3 +73,45 @@ def test_out_of_memory_in_a_step_names_patch_batch_and_keeps_the_checkpoint(
     monkeypatch.setattr(train_loop, "_step", step)  # a rerun resumes from it
     train(rows[:3], rows[3:], plan(), config, tmp_path, fold=0)
     assert torch.load(tmp_path / "model.pt", weights_only=True)["iterations"] == 8
+
+
+def test_the_second_settlement_follows_the_pace_since_the_first() -> None:
+    """A load during the first window (0.4 s/step) that ends (0.2 s/step after): the second
+    settlement, at 60% of the first count, gives the budget back; a pace that slows takes it back."""
+    from msdseg.train import settle
+
+    budget_s, at = 600.0, 200
+    loaded = [{"seconds_per_step": 0.4}] * at
+    first, pace = settle.settled_iterations(loaded, at, at * 0.4, budget_s, 0.0)
+    assert pace == pytest.approx(0.4) and first == at + int((0.94 * budget_s - at * 0.4) / 0.4)
+    second_at = settle.second_point(at, first)
+    assert second_at == int(0.6 * first) and second_at > at
+    assert [settle.settlement_due(i, at, None, False) for i in (at - 1, at)] == [None, settle.FIRST]
+    assert settle.settlement_due(second_at, at, first, False) == settle.SECOND
+    assert settle.settlement_due(second_at, at, first, True) is None  # once
+    quiet = loaded + [{"seconds_per_step": 0.2}] * (second_at - at)
+    elapsed = at * 0.4 + (second_at - at) * 0.2
+    second, pace = settle.settled_iterations(quiet, second_at, elapsed, budget_s, 0.0, since=at)
+    assert pace == pytest.approx(0.2) and second > first
+    assert elapsed + (second - second_at) * 0.2 == pytest.approx(0.94 * budget_s, abs=0.2)
+    slower = loaded + [{"seconds_per_step": 0.6}] * (second_at - at)
+    assert settle.settled_iterations(slower, second_at, at * 0.4 + (second_at - at) * 0.6, budget_s, 0.0,
+                                     since=at)[0] < first
+    assert settle.second_point(at, int(at / 0.6)) is None  # too close to the first: no second
+
+
+def test_a_repeat_reuses_both_recorded_settlements(tmp_path: Path) -> None:
+    from msdseg.train import settle
+
+    first = settle.Settled("id", 20, 300, 30, 0.05)
+    message = settle.record_settlement(tmp_path, None, settle.FIRST, first, 0, (10, 20), 30)
+    assert "300 iterations" in message and "planned 30" in message
+    record = settle.read_record(tmp_path, "id")
+    assert record is not None and record.at_step(20, settle.FIRST) == (300, 0.05)
+    assert record.at_step(180, settle.SECOND) is None and record.final == 300
+    second = settle.Settled("id", 180, 340, 30, 0.04)
+    settle.record_settlement(tmp_path, record, settle.SECOND, second, 0, (20, 180), 300)
+    record = settle.read_record(tmp_path, "id")
+    assert record is not None and record.at_step(20, settle.FIRST) == (300, 0.05)
+    assert record.at_step(180, settle.SECOND) == (340, 0.04) and record.final == 340
+    assert settle.read_record(tmp_path, "another identity") is None

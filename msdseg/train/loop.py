@@ -24,12 +24,12 @@ from msdseg.files import atomic_path
 from msdseg.logs import say
 from msdseg.model.unet import UNet, save_model
 from msdseg.plan.budget import patch_forward_seconds
+from msdseg.train import settle
 from msdseg.train.augmentation import mirror_axes
 from msdseg.train.batches import preprocessed_rows, subjects_per_epoch, training_batches
 from msdseg.train.loss import segmentation_loss
 from msdseg.train.ranks import Diagnostics, Ranks
 from msdseg.train.schedule import Schedule, make_optimizer, progress
-from msdseg.train.settle import RECORD, TARGET_USE, Settled, read_record, settled_iterations, write_record
 from msdseg.train.state import (
     CHECKPOINT,
     LOG,
@@ -210,28 +210,28 @@ def _total(run: Fold, state: RunState) -> int:
 
 
 def _settle_if_due(run: Fold, state: RunState, budget: Budget) -> None:
-    """At step ``train.settle_at``: fix the iterations from this run's pace (or its record), once.
-
-    Rank 0 decides and every DDP rank takes its number (both calls below are collective).
-    """
+    """At step ``train.settle_at``, then once more (msdseg.train.settle): the iterations from this
+    run's pace, or from its record. Rank 0 decides and every DDP rank takes its number (collective)."""
     settle_at, planned = run.cfg_train.get("settle_at"), int(run.cfg_train["iterations"])
-    if settle_at is None or state.iteration != int(settle_at) or state.settled is not None:
+    which = settle.settlement_due(state.iteration, settle_at, state.settled, state.resettled)
+    if which is None:
         return
     elapsed, validation_s = budget.now()
-    record = read_record(run.out_dir, run.identity) if run.ranks.lead else None
-    if record is not None and record.at == state.iteration:
-        iterations, pace = record.iterations, record.pace_s
-    else:
+    record = settle.read_record(run.out_dir, run.identity) if run.ranks.lead else None
+    recorded = record.at_step(state.iteration, which) if record is not None else None
+    since = state.iteration // 2 if which == settle.FIRST else int(settle_at)
+    if recorded is None:
         cfg = run.cfg_train
         between_steps = (_validation_estimate(run, state, validation_s) / int(cfg["validate_every"])
                          + budget.checkpoint_s / int(cfg["checkpoint_every"]))
-        iterations, pace = settled_iterations(state.rows, state.iteration, elapsed, budget.seconds, between_steps)
-    state.settled = int(run.ranks.from_lead([float(iterations)])[0])
-    if run.ranks.lead and record is None:
-        write_record(run.out_dir, Settled(run.identity, state.iteration, state.settled, planned, pace))
-        say(f"fold {run.fold}: {pace:.3f} s/step over steps {state.iteration // 2}-{state.iteration}: "
-            f"{state.settled} iterations fill {TARGET_USE:.0%} of train.max_minutes (planned {planned}); "
-            f"recorded in {RECORD}")
+        recorded = settle.settled_iterations(state.rows, state.iteration, elapsed, budget.seconds, between_steps,
+                                             since)
+    before = planned if state.settled is None else state.settled
+    state.settled = int(run.ranks.from_lead([float(recorded[0])])[0])
+    state.resettled = which == settle.SECOND
+    if run.ranks.lead and (record is None or record.at_step(state.iteration, which) is None):
+        now = settle.Settled(run.identity, state.iteration, state.settled, planned, recorded[1])
+        say(settle.record_settlement(run.out_dir, record, which, now, run.fold, (since, state.iteration), before))
 
 
 def _validation_estimate(run: Fold, state: RunState, measured_s: float) -> float:
@@ -384,6 +384,7 @@ def _finish(run: Fold, state: RunState, budget: Budget, config: Mapping[str, Any
             "config": copy.deepcopy(dict(config)), "iterations": state.iteration,
             "best_iteration": int(kept.iteration), "best_val_dice": dict(kept.dice),
             "iterations_planned": int(run.cfg_train["iterations"]), "iterations_settled": state.settled,
+            "resettled": state.resettled,
             "settle_at": run.cfg_train.get("settle_at"),
             "config_hash": run.identity, "mirror_axes": list(mirrored), "budget_exhausted": budget.exhausted,
             "precision": precision_name(run.amp_dtype), "device": run.device.type}

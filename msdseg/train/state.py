@@ -105,6 +105,7 @@ class RunState:
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: Kept = field(default_factory=Kept)
     settled: int | None = None  # train.iterations as the run settled it (msdseg.train.settle), once it did
+    resettled: bool = False  # the second settlement is made (settled holds its count)
 
 
 @dataclass
@@ -122,7 +123,8 @@ def save_checkpoint(path: Path, identity: str, state: RunState, elapsed_s: float
     content = {"config_hash": identity, "iteration": state.iteration, "elapsed_s": elapsed_s,
                "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                "scheduler": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(),
-               "rng": rng_state(), "log": state.rows, "best": dict(vars(state.kept)), "settled": state.settled}
+               "rng": rng_state(), "log": state.rows, "best": dict(vars(state.kept)), "settled": state.settled,
+               "resettled": state.resettled}
     with atomic_path(path) as tmp:
         torch.save(content, tmp)
 
@@ -152,7 +154,8 @@ def resume(content: Mapping[str, Any], parts: Trainables) -> RunState:
     _load_scaler(parts.scaler, content["scaler"])
     set_rng_state(content["rng"])
     return RunState(iteration=int(content["iteration"]), elapsed_before_s=float(content["elapsed_s"]),
-                    rows=list(content["log"]), kept=Kept(**dict(content["best"])), settled=content.get("settled"))
+                    rows=list(content["log"]), kept=Kept(**dict(content["best"])), settled=content.get("settled"),
+                    resettled=bool(content.get("resettled", False)))
 
 
 def _load_scaler(scaler: torch.amp.GradScaler, saved: Mapping[str, Any]) -> None:
