@@ -143,18 +143,16 @@ def mean_interval(values: np.ndarray) -> list[float]:
     return [round(low, 4), round(high, 4)]
 
 
-def tta_pair(scores: pd.DataFrame, other: pd.DataFrame, tta: bool, labels: dict[int, str],
-             seconds: float, other_seconds: float) -> dict:
+def tta_pair(by_tta: dict[bool, pd.DataFrame], seconds: dict[bool, float], labels: dict[int, str]) -> dict:
     """Held-out Dice without and with mirroring TTA from the same weights, and the paired gain's interval."""
-    without, with_tta = (other, scores) if tta else (scores, other)
+    without, with_tta = by_tta[False], by_tta[True]
     gain = {name: (with_tta[name] - without[name]).to_numpy() for name in labels.values()}
     return {
         "without": {name: round(float(without[name].mean()), 4) for name in labels.values()},
         "with": {name: round(float(with_tta[name].mean()), 4) for name in labels.values()},
         "gain": {name: round(float(values.mean()), 4) for name, values in gain.items()},
         "gain_95ci": {name: mean_interval(values) for name, values in gain.items()},
-        "seconds_without": round(other_seconds if tta else seconds, 1),
-        "seconds_with": round(seconds if tta else other_seconds, 1),
+        "seconds_without": round(seconds[False], 1), "seconds_with": round(seconds[True], 1),
     }
 
 
@@ -213,13 +211,14 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         log = pd.concat(logs, ignore_index=True)
 
-        t0 = time.perf_counter()
-        scores = evaluate(model_paths, held_out, labels, config, work / "predictions", args.threads)
-        eval_s = time.perf_counter() - t0
-        other = {**config, "infer": {**config["infer"], "tta": not config["infer"]["tta"]}}
-        t0 = time.perf_counter()
-        other_scores = evaluate(model_paths, held_out, labels, other, work / "predictions-other", args.threads)
-        other_eval_s = time.perf_counter() - t0
+        by_tta, eval_seconds = {}, {}
+        for tta in (False, True):  # the same weights scored both ways: a pair
+            t0 = time.perf_counter()
+            scored = {**config, "infer": {**config["infer"], "tta": tta}}
+            by_tta[tta] = evaluate(model_paths, held_out, labels, scored, work / f"predictions-tta{int(tta)}",
+                                   args.threads)
+            eval_seconds[tta] = time.perf_counter() - t0
+        scores, eval_s = by_tta[bool(config["infer"]["tta"])], eval_seconds[bool(config["infer"]["tta"])]
         delivered = loader_rate(training, plan, config, args.queue_seconds)
 
     batch = config["train"]["batch_size"]
@@ -242,7 +241,7 @@ def main() -> None:
         "data_wait_share": round(float(log["data_wait_s"].sum() / log["seconds_per_step"].sum()), 4),
         "data_wait_share_steady": round(float(steady["data_wait_s"].sum() / steady["seconds_per_step"].sum()), 4),
         "validation_s": round(train_s - float(log["seconds_per_step"].sum()), 1),
-        "tta_pair": tta_pair(scores, other_scores, bool(config["infer"]["tta"]), labels, eval_s, other_eval_s),
+        "tta_pair": tta_pair(by_tta, eval_seconds, labels),
         "mirror_axes": list(mirror_axes(config["train"]["augmentation"], config["model"]["spatial_dims"])),
         "tta": bool(config["infer"]["tta"]),
         "threads": args.threads, "torch": torch.__version__,

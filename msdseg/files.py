@@ -53,7 +53,6 @@ def atomic_folder(final: str | os.PathLike[str]) -> Iterator[Path]:
         replace_folder(staging, final)
     except BaseException as error:
         if _disk_full(error, final.parent):
-            shutil.rmtree(staging, ignore_errors=True)
             raise _disk_full_error(final, "folder") from error
         raise
     finally:

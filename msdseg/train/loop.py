@@ -219,17 +219,17 @@ def _settle_if_due(run: Fold, state: RunState, budget: Budget) -> None:
     elapsed, validation_s = budget.now()
     record = settle.read_record(run.out_dir, run.identity) if run.ranks.lead else None
     recorded = record.at_step(state.iteration, which) if record is not None else None
+    measured = recorded is None  # else a repeat or a resumed run: the recorded count, nothing written
     since = state.iteration // 2 if which == settle.FIRST else int(settle_at)
-    if recorded is None:
-        cfg = run.cfg_train
-        between_steps = (_validation_estimate(run, state, validation_s) / int(cfg["validate_every"])
-                         + budget.checkpoint_s / int(cfg["checkpoint_every"]))
+    if measured:
+        between_steps = (_validation_estimate(run, state, validation_s) / int(run.cfg_train["validate_every"])
+                         + budget.checkpoint_s / int(run.cfg_train["checkpoint_every"]))
         recorded = settle.settled_iterations(state.rows, state.iteration, elapsed, budget.seconds, between_steps,
                                              since)
     before = planned if state.settled is None else state.settled
     state.settled = int(run.ranks.from_lead([float(recorded[0])])[0])
     state.resettled = which == settle.SECOND
-    if run.ranks.lead and (record is None or record.at_step(state.iteration, which) is None):
+    if run.ranks.lead and measured:
         now = settle.Settled(run.identity, state.iteration, state.settled, planned, recorded[1])
         say(settle.record_settlement(run.out_dir, record, which, now, run.fold, (since, state.iteration), before))
 

@@ -95,8 +95,8 @@ def record_settlement(out_dir: Path, record: Settled | None, which: str, settled
                       window: tuple[int, int], before: int) -> str:
     """Write settlement ``which`` (``settled``: its identity, step, count, planned count, pace) into
     the record, beside ``record``'s first one for the second; return what to tell the user."""
-    if which == SECOND:
-        base = record or replace(settled, iterations=before, pace_s=0.0)
+    if which == SECOND:  # without a record of the first (a resumed run whose record was removed), its count
+        base = record or replace(settled, at=window[0], iterations=before, pace_s=0.0)
         settled = replace(base, second_at=settled.at, second_iterations=settled.iterations,
                           second_pace_s=settled.pace_s)
     write_record(out_dir, settled)
