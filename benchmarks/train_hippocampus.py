@@ -215,8 +215,9 @@ def main() -> None:
         for tta in (False, True):  # the same weights scored both ways: a pair
             t0 = time.perf_counter()
             scored = {**config, "infer": {**config["infer"], "tta": tta}}
-            by_tta[tta] = evaluate(model_paths, held_out, labels, scored, work / f"predictions-tta{int(tta)}",
-                                   args.threads)
+            # the configured scoring writes predictions/ (what the README points at); the other its pair
+            folder = work / ("predictions" if tta == bool(config["infer"]["tta"]) else "predictions-other")
+            by_tta[tta] = evaluate(model_paths, held_out, labels, scored, folder, args.threads)
             eval_seconds[tta] = time.perf_counter() - t0
         scores, eval_s = by_tta[bool(config["infer"]["tta"])], eval_seconds[bool(config["infer"]["tta"])]
         delivered = loader_rate(training, plan, config, args.queue_seconds)
