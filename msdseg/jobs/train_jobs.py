@@ -18,7 +18,7 @@ from msdseg.decathlon import label_map
 from msdseg.devices import cpu_has_native_bf16
 from msdseg.files import write_text
 
-logger = logging.getLogger("msdseg.plan.preprocessing")
+logger = logging.getLogger(__name__)  # its log lines name the job that wrote them
 
 
 def plan_training_job(
