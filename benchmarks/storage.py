@@ -21,6 +21,7 @@ the bytes come from the disk: a cohort larger than the node's memory.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -123,9 +124,12 @@ def main() -> None:
     parser.add_argument("--only", default="task04,brats,ct")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "msdseg-loader-bench")
     args = parser.parse_args()
-    import blosc2
-
-    blosc2.set_nthreads(1)
+    try:
+        import blosc2
+    except ImportError:
+        print("blosc2 not installed (the `bench` extra): .npy only")
+    else:
+        blosc2.set_nthreads(1)
     table = []
     for name in args.only.split(","):
         rows, plan = write_cohort(name, args.data / name)
@@ -148,6 +152,7 @@ def main() -> None:
                 table.append(row)
                 print(row, flush=True)
     print(pd.DataFrame(table).to_string(index=False))
+    print(json.dumps(table))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,16 @@ def test_benchmark_trains_an_ensemble_and_scores_it_in_original_geometry(shared_
     # both members trained, and their average was written for each held-out subject
     assert (tmp_path / "fold0" / "model.pt").is_file() and (tmp_path / "fold0-seed1" / "model.pt").is_file()
     assert len(list((tmp_path / "predictions").glob("*.nii.gz"))) == 2
+
+
+def test_storage_benchmark_times_region_reads_of_the_preprocessed_arrays(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "storage.py"), "--only", "task04", "--reads", "3",
+               "--data", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["format"]: row for row in json.loads(done.stdout.strip().splitlines()[-1])}
+    npy = rows["npy"]
+    # 32 subjects of 36x50x35 float32 (cropped to their non-zero box) and uint8 labels: 7.5-14 MB
+    assert 7.0 < npy["disk_mb"] < 15.0
+    assert all(0 < npy[key] < 1000 for key in npy if key.endswith(" ms"))
