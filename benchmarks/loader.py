@@ -232,22 +232,16 @@ def run_monai(rows: list[dict[str, Any]], cfg: dict[str, Any], seconds: float) -
     return {"first_batch_s": first, "patches_per_s": rate}
 
 
-def run_nnunet(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, Any], seconds: float,
-               folder: Path) -> dict[str, Any]:
-    """nnU-Net v2's own data loader and default training transforms, in this process on one thread."""
-    try:
-        from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-        from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        from nnunetv2.utilities.label_handling.label_handling import LabelManager
-    except ImportError:
-        return {"note": "nnunetv2 not installed"}
+def write_nnunet_cases(rows: list[dict[str, Any]], folder: Path, patch: tuple[int, ...]) -> Path:
+    """nnU-Net v2's preprocessed files (blosc2 arrays chunked by nnU-Net for ``patch``, class
+    locations) of the preprocessed subjects, written once under ``folder/<patch>``; that folder.
+    Raises ImportError without nnunetv2."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
     from msdseg.data.preprocessed import open_subject
-    patch = tuple(int(p) for p in cfg["patch_size"])
-    folder = folder / "x".join(map(str, patch))  # nnU-Net chunks its files for the patch
+    folder = folder / "x".join(map(str, patch))
     folder.mkdir(parents=True, exist_ok=True)
-    for row in rows:  # nnU-Net's preprocessed format: blosc2 arrays + class locations (channel first)
+    for row in rows:  # channel first, as msdseg's arrays
         target = folder / row["subject"]
         if not Path(f"{target}.b2nd").exists():
             subject = open_subject(row["preprocessed"])
@@ -258,6 +252,22 @@ def run_nnunet(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, 
             blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
             nnUNetDatasetBlosc2.save_case(data, seg, {"class_locations": locations}, str(target), chunks=chunks,
                                           blocks=blocks, chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+    return folder
+
+
+def run_nnunet(rows: list[dict[str, Any]], plan: dict[str, Any], cfg: dict[str, Any], seconds: float,
+               folder: Path) -> dict[str, Any]:
+    """nnU-Net v2's own data loader and default training transforms, in this process on one thread."""
+    try:
+        from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+        from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    except ImportError:
+        return {"note": "nnunetv2 not installed"}
+    patch = tuple(int(p) for p in cfg["patch_size"])
+    folder = write_nnunet_cases(rows, folder, patch)
     dataset = nnUNetDatasetBlosc2(str(folder), [r["subject"] for r in rows])
     patch = np.asarray(patch)
     rotation = (-np.pi / 6, np.pi / 6)  # nnU-Net's 3D default

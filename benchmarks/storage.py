@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import pandas as pd
 
-from loader import write_cohort
+from loader import write_cohort, write_nnunet_cases
 from msdseg.data.preprocessed import disk_bytes, open_subject, preprocess_subjects
 from msdseg.train.patches import read_region
 
@@ -62,20 +62,10 @@ def drop_from_cache(paths: list[Path]) -> None:
 def write_blosc2(rows: list[dict[str, str]], folder: Path, patch: tuple[int, ...]) -> list[Path]:
     """nnU-Net's files for the preprocessed subjects, chunked for ``patch``; [] where nnU-Net is absent."""
     try:
-        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+        written = write_nnunet_cases(rows, folder, patch)
     except ImportError:
         return []
-    folder.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        target = folder / row["subject"]
-        if not Path(f"{target}.b2nd").exists():
-            subject = open_subject(row["preprocessed"])
-            data, seg = np.asarray(subject.image), np.asarray(subject.label)[None].astype(np.int16)
-            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
-            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
-            nnUNetDatasetBlosc2.save_case(data, seg, {}, str(target), chunks=chunks, blocks=blocks,
-                                          chunks_seg=chunks_seg, blocks_seg=blocks_seg)
-    return [folder / row["subject"] for row in rows]
+    return [written / row["subject"] for row in rows]
 
 
 Reader = Callable[[np.ndarray, np.ndarray], None]
@@ -136,7 +126,7 @@ def main() -> None:
         rows = preprocess_subjects(rows, plan, args.data / f"{name}-preprocessed")
         npy_paths = [Path(row["preprocessed"]) for row in rows]
         for patch in CASES[name]:
-            b2_paths = write_blosc2(rows, args.data / f"{name}-blosc2" / "x".join(map(str, patch)), patch)
+            b2_paths = write_blosc2(rows, args.data / f"{name}-nnunet", patch)  # shared with loader.py
             formats = {"npy": (npy_paths, sum(disk_bytes(p) for p in npy_paths))}
             if b2_paths:
                 formats["blosc2"] = (b2_paths, sum(f.stat().st_size for p in b2_paths
